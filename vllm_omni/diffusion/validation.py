@@ -1,0 +1,80 @@
+"""Request validation at submission time, through vLLM's own hook.
+
+vLLM calls ``validate_params`` of every custom logits processor class named in
+``ModelConfig.logits_processors`` while it checks a request's
+``SamplingParams`` in the front end (``LLM.generate`` raises ``ValueError``,
+the OpenAI server answers 400). The engine config hook
+(``vllm_omni.engine_config``) adds one such class for diffusion models only.
+
+The class must know the model family and the engine-wide defaults, and vLLM
+names it by a ``module:qualname`` string that every process re-imports; so the
+name itself carries them (``llada__<hex of the defaults as JSON>``) and this
+module's ``__getattr__`` rebuilds the class from its name.
+"""
+
+import json
+from functools import cache
+
+import torch
+from vllm.sampling_params import SamplingParams
+from vllm.v1.sample.logits_processor import LogitsProcessor
+
+from vllm_omni.models import FAMILIES_BY_NAME
+from vllm_omni.diffusion.params import resolve_params
+
+
+class DiffusionRequestValidator(LogitsProcessor):
+    """Checks the diffusion knobs of each request; never touches logits."""
+
+    family_name = ""
+    engine_defaults: dict = {}
+
+    @classmethod
+    def validate_params(cls, sampling_params: SamplingParams):
+        resolve_params(
+            FAMILIES_BY_NAME[cls.family_name],
+            max_tokens=sampling_params.max_tokens,
+            temperature=sampling_params.temperature,
+            extra_args=sampling_params.extra_args,
+            engine_defaults=cls.engine_defaults,
+        )
+
+    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
+        pass
+
+    def is_argmax_invariant(self) -> bool:
+        return True
+
+    def update_state(self, batch_update) -> None:
+        pass
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+
+def validator_qualname(family_name: str, engine_defaults: dict) -> str:
+    blob = json.dumps(engine_defaults, sort_keys=True).encode().hex()
+    return f"{__name__}:{family_name}__{blob}"
+
+
+@cache
+def _validator_class(name: str) -> type[DiffusionRequestValidator]:
+    family_name, blob = name.split("__", 1)
+    if family_name not in FAMILIES_BY_NAME:
+        raise AttributeError(name)
+    return type(
+        name,
+        (DiffusionRequestValidator,),
+        {
+            "family_name": family_name,
+            "engine_defaults": json.loads(bytes.fromhex(blob)),
+            "__module__": __name__,
+            "__qualname__": name,
+        },
+    )
+
+
+def __getattr__(name: str):
+    if "__" not in name or name.startswith("__"):
+        raise AttributeError(name)
+    return _validator_class(name)

