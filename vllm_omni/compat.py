@@ -8,9 +8,12 @@
 """
 
 import vllm
+from vllm.exceptions import VLLMValidationError as RequestError
 from vllm.model_executor.layers.attention import Attention as PagedAttention
 
-__all__ = ["PagedAttention", "vllm_version", "is_cpu_platform"]
+# RequestError: what vLLM raises for an invalid request (LLM.generate) and
+# turns into HTTP 400. A ValueError on 0.26; a VLLMClientError on 0.27.1.
+__all__ = ["PagedAttention", "RequestError", "vllm_version", "is_cpu_platform"]
 
 
 def vllm_version() -> str:

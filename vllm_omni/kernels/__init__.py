@@ -1,8 +1,10 @@
 """Attention for the denoising forward: packed variable-length sequences,
 every query attending to every key of its own sequence (no causal mask).
 
-``bidirectional_attention`` dispatches to the plain PyTorch reference in
-``reference.py``; faster kernels plug in here behind the same signature.
+``bidirectional_attention`` runs the Triton kernel in ``triton_attention.py``
+for CUDA tensors and the plain PyTorch reference in ``reference.py``
+otherwise. Triton is imported only on the CUDA path, so CPU-only installs
+without a working Triton still import this package.
 """
 
 from vllm_omni.kernels.reference import (
@@ -14,4 +16,8 @@ __all__ = ["SequenceBatch", "bidirectional_attention"]
 
 
 def bidirectional_attention(q, k, v, batch: SequenceBatch, scale: float):
+    if q.is_cuda:
+        from vllm_omni.kernels.triton_attention import bidirectional_attention_triton
+
+        return bidirectional_attention_triton(q, k, v, batch, scale)
     return bidirectional_attention_reference(q, k, v, batch, scale)

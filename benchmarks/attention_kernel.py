@@ -1,0 +1,133 @@
+"""Time the Triton bidirectional attention kernel against PyTorch and FlashAttention.
+
+GPU only. For each batch size, sequences cycle through ``--lens`` (default
+128, 256) and q/k/v are views of one packed qkv tensor, as in the model.
+Compared (median of ``triton.testing.do_bench``):
+
+  triton        bidirectional_attention_triton: one launch for all sequences
+  sdpa-loop     F.scaled_dot_product_attention per sequence (Python loop)
+  sdpa-padded   one SDPA call on [B, H, Lmax, D] with a key-padding mask
+                (tensors padded beforehand; padding/unpadding not timed)
+  fa-varlen     vLLM's flash_attn_varlen_func (causal=False), if importable
+
+TFLOP/s counts the real work only: 4 * sum(L^2) * H * D.
+
+    python benchmarks/attention_kernel.py --batches 1,8,32,64 --lens 128,256
+"""
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from vllm_omni.kernels.reference import SequenceBatch, bidirectional_attention_reference
+from vllm_omni.kernels.triton_attention import bidirectional_attention_triton
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def make_inputs(lens, heads, kv_heads, head_dim, dtype):
+    tokens = sum(lens)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, device="cuda", dtype=dtype)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    return (q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim),
+            v.view(tokens, kv_heads, head_dim))
+
+
+def check_correctness(args, dtype):
+    lens = [1, 7, 127, 128, 129, 300, 513]
+    q, k, v = make_inputs(lens, args.heads, args.kv_heads, args.head_dim, dtype)
+    batch, scale = SequenceBatch.from_lengths(lens), args.head_dim**-0.5
+    out = bidirectional_attention_triton(q, k, v, batch, scale)
+    ref = bidirectional_attention_reference(q.float(), k.float(), v.float(), batch, scale)
+    err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    print(f"correctness: lens={lens} max rel err {err:.2e} (tol {tol:g})")
+    if not err < tol:
+        raise SystemExit("triton kernel disagrees with the reference")
+
+
+def load_fa_varlen():
+    try:
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+    except Exception as e:  # vLLM or its FA build missing
+        print(f"fa-varlen skipped: {type(e).__name__}: {e}")
+        return None
+    return flash_attn_varlen_func
+
+
+def methods(lens, q, k, v, scale, fa_varlen):
+    batch = SequenceBatch.from_lengths(lens)
+    gqa = q.shape[1] != k.shape[1]
+    fns = {"triton": lambda: bidirectional_attention_triton(q, k, v, batch, scale)}
+
+    rows = [slice(s, s + n) for s, n in zip(batch.starts, batch.lens)]
+
+    def sdpa_loop():
+        out = torch.empty_like(q)
+        for r in rows:
+            out[r] = F.scaled_dot_product_attention(
+                q[r].transpose(0, 1), k[r].transpose(0, 1), v[r].transpose(0, 1),
+                scale=scale, enable_gqa=gqa).transpose(0, 1)
+        return out
+
+    fns["sdpa-loop"] = sdpa_loop
+
+    lmax, b = max(lens), len(lens)
+    pad = [torch.zeros(b, t.shape[1], lmax, t.shape[2], device=t.device, dtype=t.dtype)
+           for t in (q, k, v)]
+    for i, r in enumerate(rows):
+        for p, t in zip(pad, (q, k, v)):
+            p[i, :, : r.stop - r.start] = t[r].transpose(0, 1)
+    keep = torch.arange(lmax, device=q.device)[None, :] < torch.tensor(lens, device=q.device)[:, None]
+    mask = keep[:, None, None, :] if min(lens) < lmax else None
+    fns["sdpa-padded"] = lambda: F.scaled_dot_product_attention(
+        *pad, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+    if fa_varlen is not None:
+        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device=q.device,
+                          dtype=torch.int32)
+        fns["fa-varlen"] = lambda: fa_varlen(
+            q=q, k=k, v=v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=lmax,
+            max_seqlen_k=lmax, softmax_scale=scale, causal=False)
+    return fns
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", default="1,8,32,64", help="numbers of sequences")
+    ap.add_argument("--lens", default="128,256", help="sequence lengths, cycled over the batch")
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--dtype", choices=DTYPES, default="bf16")
+    ap.add_argument("--rep", type=int, default=200, help="do_bench rep (ms)")
+    args = ap.parse_args()
+    args.kv_heads = args.kv_heads or args.heads
+    if not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA GPU")
+    dtype = DTYPES[args.dtype]
+    torch.manual_seed(0)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    print(f"heads={args.heads} kv_heads={args.kv_heads} head_dim={args.head_dim} dtype={args.dtype}")
+    check_correctness(args, dtype)
+    fa_varlen = load_fa_varlen()
+
+    base_lens = [int(x) for x in args.lens.split(",")]
+    names = ["triton", "sdpa-loop", "sdpa-padded"] + (["fa-varlen"] if fa_varlen else [])
+    print(f"{'seqs':>5} {'tokens':>7} " + " ".join(f"{n + ' ms':>15} {'TF/s':>6}" for n in names))
+    for b in (int(x) for x in args.batches.split(",")):
+        lens = [base_lens[i % len(base_lens)] for i in range(b)]
+        q, k, v = make_inputs(lens, args.heads, args.kv_heads, args.head_dim, dtype)
+        flops = 4 * sum(n * n for n in lens) * args.heads * args.head_dim
+        fns = methods(lens, q, k, v, args.head_dim**-0.5, fa_varlen)
+        cells = []
+        for name in names:
+            ms = triton.testing.do_bench(fns[name], rep=args.rep, return_mode="median")
+            cells.append(f"{ms:>15.4f} {flops / ms / 1e9:>6.1f}")
+        print(f"{b:>5} {sum(lens):>7} " + " ".join(cells))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""LLaDA through the real LLM(..., worker_cls=...) against the official code's
+outputs on the tiny checkpoint (../shared/golden/llada_cases.json)."""
+
+import pytest
+from vllm import SamplingParams
+
+from conftest import golden_cases
+
+STOP_IDS = (0, 4)  # <|endoftext|>, <|eot_id|> (generation_config.json)
+
+
+def exact_cases():
+    return [c for c in golden_cases("llada_cases.json")["cases"] if c["mode"] == "exact"]
+
+
+def params_for(case, ignore_eos):
+    knobs = {"steps": case["steps"], "block_length": case["block_length"]}
+    if case["threshold"] is not None:
+        knobs["threshold"] = case["threshold"]
+    return SamplingParams(
+        temperature=0,
+        max_tokens=case["gen_length"],
+        ignore_eos=ignore_eos,
+        extra_args=knobs,
+    )
+
+
+def expected(case, ignore_eos):
+    out = case["output_ids"]
+    if ignore_eos:
+        return out
+    for i, tok in enumerate(out):
+        if tok in STOP_IDS:
+            return out[: i + 1]
+    return out
+
+
+def generate(llm, cases, ignore_eos):
+    prompts = [{"prompt_token_ids": c["prompt_ids"]} for c in cases]
+    outs = llm.generate(prompts, [params_for(c, ignore_eos) for c in cases], use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+@pytest.mark.parametrize("ignore_eos", [True, False])
+def test_exact_cases_in_one_batch(llada_llm, ignore_eos):
+    cases = exact_cases()
+    assert len(cases) == 7
+    got = generate(llada_llm, cases, ignore_eos)
+    for case, tokens in zip(cases, got):
+        assert tokens == expected(case, ignore_eos), case["name"]
+
+
+def test_exact_cases_one_at_a_time(llada_llm):
+    for case in exact_cases():
+        for ignore_eos in (True, False):
+            assert generate(llada_llm, [case], ignore_eos)[0] == expected(case, ignore_eos), (
+                case["name"],
+                ignore_eos,
+            )
+
+
+def test_stop_token_ends_early_and_text_matches(llada_llm):
+    # A case whose canvas holds a stop token before its end.
+    cases = [c for c in exact_cases() if any(t in STOP_IDS for t in c["output_ids"][:-1])]
+    if not cases:
+        pytest.skip("no exact case stops early")
+    case = cases[0]
+    out = llada_llm.generate(
+        [{"prompt_token_ids": case["prompt_ids"]}], params_for(case, False), use_tqdm=False
+    )[0].outputs[0]
+    assert list(out.token_ids) == expected(case, False)
+    assert out.finish_reason == "stop"
+
+
+def test_max_tokens_cuts_the_last_block(llada_llm):
+    # max_tokens 20 with blocks of 8: the canvas is 24 (3 blocks, 12 steps);
+    # the output is the golden 24-token canvas cut to 20.
+    case = next(c for c in exact_cases() if c["name"] == "exact_two_per_step")
+    sp = SamplingParams(
+        temperature=0, max_tokens=20, ignore_eos=True,
+        extra_args={"steps": 12, "block_length": 8},
+    )
+    out = llada_llm.generate([{"prompt_token_ids": case["prompt_ids"]}], sp, use_tqdm=False)
+    assert list(out[0].outputs[0].token_ids) == case["output_ids"][:20]
+    assert out[0].outputs[0].finish_reason == "length"
+
+
+def test_text_prompt_and_usage_counts(llada_llm):
+    case = exact_cases()[0]
+    assert not case["prompt"]["chat"]
+    out = llada_llm.generate(case["prompt"]["text"], params_for(case, True), use_tqdm=False)[0]
+    assert list(out.prompt_token_ids) == case["prompt_ids"]
+    assert list(out.outputs[0].token_ids) == case["output_ids"]
+    assert out.outputs[0].text == llada_llm.get_tokenizer().decode(case["output_ids"])

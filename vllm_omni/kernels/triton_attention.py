@@ -1,0 +1,148 @@
+"""Triton kernel: bidirectional (non-causal) attention over packed sequences.
+
+Same contract as ``bidirectional_attention_reference``: q is
+[tokens, num_heads, head_dim], k/v are [tokens, num_kv_heads, head_dim]
+(GQA: query head h reads kv head h // (num_heads // num_kv_heads)), sequence
+i owns rows starts[i]:starts[i]+lens[i] and every query attends to every key
+of its own sequence.
+
+Tiling. Each sequence is cut into query tiles of BLOCK_M rows; the tiles of
+all sequences are listed in one int32 table (sequence start, sequence length,
+tile offset inside the sequence), built once per (batch, BLOCK_M, device) and
+cached. The kernel is launched once, on a grid of (tiles, query heads): a
+program loads its [BLOCK_M, head_dim] query tile, walks the keys and values of
+its own sequence in blocks of BLOCK_N rows and keeps a flash-attention online
+softmax (running max m, running sum l, fp32 accumulator), rescaling the
+accumulator whenever the max grows; it divides by l once at the end. Rows past
+the end of a sequence are masked on load (query tile tails, key block tails:
+lengths need not be multiples of the tiles, 1-token sequences work), masked
+keys get -inf scores, and only real rows are stored. Softmax runs in base 2
+with log2(e) folded into the scale. float32 inputs use IEEE fp32 dots (no
+TF32), so they match the fp32 reference to ~1e-5; bf16/fp16 inputs use the
+tensor cores with fp32 accumulation.
+
+Inputs may be strided views (e.g. q/k/v split out of one packed qkv tensor):
+token and head strides are passed explicitly; the last dim must have stride 1
+(it is copied otherwise). ``out`` may be given (any strided [tokens, heads,
+head_dim] view with a unit last stride); rows of no sequence are not written.
+head_dim must be a power of two in 16..256. Offsets inside one sequence are
+int32: seq_len * token_stride must stay below 2**31.
+"""
+
+from functools import lru_cache
+
+import torch
+import triton
+import triton.language as tl
+
+from vllm_omni.kernels.reference import SequenceBatch
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    if IEEE:  # true fp32 products (no TF32) for float32 inputs
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _bidir_attn_kernel(
+    Q, K, V, O, Tiles, scale,
+    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    kv_head = head // GROUP
+    seq_start = tl.load(Tiles + 3 * tile).to(tl.int64)
+    seq_len = tl.load(Tiles + 3 * tile + 1)
+    m_off = tl.load(Tiles + 3 * tile + 2)
+
+    offs_m = m_off + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_mask = offs_m < seq_len
+
+    q_ptrs = Q + (seq_start + offs_m)[:, None] * s_qt + head * s_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=m_mask[:, None], other=0.0)
+    k_base = K + seq_start * s_kt + kv_head * s_kh
+    v_base = V + seq_start * s_vt + kv_head * s_vh
+
+    qk_scale = scale * 1.4426950408889634  # log2(e): softmax in base 2
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    for n0 in range(0, seq_len, BLOCK_N):
+        rows = n0 + offs_n
+        n_mask = rows < seq_len
+        k = tl.load(k_base + rows[None, :] * s_kt + offs_d[:, None],
+                    mask=n_mask[None, :], other=0.0)  # [HEAD_DIM, BLOCK_N]
+        s = _dot(q, k, None, IEEE) * qk_scale
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        # The first block always holds a real key, so m_new is finite.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + rows[:, None] * s_vt + offs_d[None, :],
+                    mask=n_mask[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    o_ptrs = O + (seq_start + offs_m)[:, None] * s_ot + head * s_oh + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_mask[:, None])
+
+
+@lru_cache(maxsize=256)
+def _tile_table(batch: SequenceBatch, block_m: int, device: torch.device) -> torch.Tensor:
+    rows = [
+        (start, n, off)
+        for start, n in zip(batch.starts, batch.lens)
+        for off in range(0, n, block_m)
+    ]
+    return torch.tensor(rows, dtype=torch.int32).reshape(-1, 3).to(device)
+
+
+def _config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages), picked by a sweep on an H100."""
+    if dtype == torch.float32:  # IEEE fp32 dots run on CUDA cores: small tiles
+        return (32, 32, 4, 2) if head_dim > 64 else (64, 64, 4, 2)
+    return (64, 32, 4, 2) if head_dim > 128 else (64, 64, 4, 3)
+
+
+def bidirectional_attention_triton(
+    q: torch.Tensor,  # [tokens, num_heads, head_dim]
+    k: torch.Tensor,  # [tokens, num_kv_heads, head_dim]
+    v: torch.Tensor,  # [tokens, num_kv_heads, head_dim]
+    batch: SequenceBatch,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    assert k.shape == v.shape and k.shape[0] == tokens and k.shape[2] == head_dim
+    assert num_heads % num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads"
+    assert q.dtype == k.dtype == v.dtype, "q, k, v must share a dtype"
+    assert 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0, \
+        "head_dim must be a power of two in 16..256"
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    assert out.shape == q.shape and out.stride(-1) == 1
+    block_m, block_n, num_warps, num_stages = _config(head_dim, q.dtype)
+    tiles = _tile_table(batch, block_m, q.device)
+    if tiles.shape[0] == 0:
+        return out
+    _bidir_attn_kernel[(tiles.shape[0], num_heads)](
+        q, k, v, out, tiles, float(scale),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
+        BLOCK_M=block_m, BLOCK_N=block_n,
+        IEEE=q.dtype == torch.float32,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
