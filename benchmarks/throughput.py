@@ -105,8 +105,10 @@ def main() -> None:
         queue = ctx.Queue()
         proc = ctx.Process(target=run_engine, args=(kind, model, args, queue))
         proc.start()
-        rows += queue.get()
         proc.join()
+        if proc.exitcode != 0:
+            raise SystemExit(f"{kind} engine failed (exit code {proc.exitcode})")
+        rows += queue.get()
 
     print(f"\n{'engine':<10}{'batch':>6}{'k':>4}{'tok/s':>10}{'s':>9}{'start s':>9}")
     for r in rows:
