@@ -5,12 +5,11 @@ scheduler. Requests in different settings and at different steps share each
 batched forward; a request leaves the loop as soon as its block is decided.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from vllm_omni.diffusion.algorithms import ALGORITHMS
-from vllm_omni.diffusion.algorithms.low_confidence import transfer_schedule
 from vllm_omni.diffusion.params import DiffusionParams
 from vllm_omni.kernels import SequenceBatch
 
@@ -24,8 +23,8 @@ class BlockJob:
     canvas: torch.Tensor  # [prompt + canvas_length] token ids, on the device
     block_start: int
     params: DiffusionParams
-    schedule: list[int] = field(default_factory=list)
-    step: int = 0
+    generator: torch.Generator | None = None
+    step: int = 0  # denoising steps taken on this block
 
     @property
     def block(self) -> torch.Tensor:
@@ -44,6 +43,7 @@ class Denoiser:
         prompt_ids: list[int],
         output_ids: list[int],
         params: DiffusionParams,
+        generator: torch.Generator | None = None,
     ) -> BlockJob:
         """The job for a request's next block, rebuilt from the tokens vLLM
         holds for it (so a preempted request resumes where it was)."""
@@ -53,8 +53,7 @@ class Denoiser:
             dtype=torch.long,
             device=self.device,
         )
-        schedule = transfer_schedule(params.block_length, params.steps_per_block)
-        return BlockJob(req_id, canvas, len(prompt_ids) + len(output_ids), params, schedule)
+        return BlockJob(req_id, canvas, len(prompt_ids) + len(output_ids), params, generator)
 
     def run(self, jobs: list[BlockJob]) -> dict[str, list[int]]:
         """Denoise every job's block to completion; return the blocks."""
@@ -88,9 +87,9 @@ class Denoiser:
 
     def _step(self, job: BlockJob, logits: torch.Tensor) -> None:
         block = job.block
-        masked = block == self.mask_token_id
-        k = job.schedule[job.step] if job.params.threshold is None else 0
-        select = ALGORITHMS[job.params.algorithm]
-        positions, tokens = select(logits, masked, k, job.params.threshold)
+        commit = ALGORITHMS[job.params.algorithm]
+        positions, tokens = commit(
+            logits, block == self.mask_token_id, job.step, job.params, job.generator
+        )
         block[positions] = tokens
         job.step += 1

@@ -37,6 +37,8 @@ class DiffusionRequestValidator(LogitsProcessor):
             temperature=sampling_params.temperature,
             extra_args=sampling_params.extra_args,
             engine_defaults=cls.engine_defaults,
+            top_k=sampling_params.top_k,
+            top_p=sampling_params.top_p,
         )
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):

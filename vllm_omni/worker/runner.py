@@ -58,6 +58,7 @@ class DiffusionRunnerMixin:
                     state.prompt_token_ids,
                     state.output_token_ids,
                     self._params_of(req_id, state.sampling_params),
+                    state.generator,  # vLLM's, for requests with a seed
                 )
             )
         blocks = self.denoiser.run(jobs)
@@ -83,6 +84,8 @@ class DiffusionRunnerMixin:
                 temperature=sampling_params.temperature,
                 extra_args=sampling_params.extra_args,
                 engine_defaults=self.diffusion_defaults,
+                top_k=sampling_params.top_k,
+                top_p=sampling_params.top_p,
             )
             self.diffusion_params[req_id] = params
         return params
