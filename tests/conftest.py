@@ -26,22 +26,27 @@ def golden_cases(name: str) -> dict:
     return json.loads(path.read_text())
 
 
-@pytest.fixture(scope="session")
-def llada_llm():
-    import torch
+def start_engine(model: str, **kwargs):
     from vllm import LLM
 
-    llm = LLM(
-        model=str(ASSETS / "llada-tiny"),
-        worker_cls=WORKER,
-        dtype="float32",
-        max_model_len=512,
-        # Small token budget: prompts and returned blocks arrive in chunks,
-        # so the runner's wait-for-the-whole-input path is exercised.
-        max_num_batched_tokens=32,
-        seed=0,
-        # On a GPU, leave room for the other engines a test may start.
-        gpu_memory_utilization=0.3 if torch.cuda.is_available() else 0.9,
-    )
+    # Two engines may be alive at once (a session fixture and a module's):
+    # each takes a modest share of the device (of RAM on CPU).
+    kwargs.setdefault("gpu_memory_utilization", 0.3)
+    return LLM(model=model, worker_cls=WORKER, dtype="float32", max_model_len=512,
+               seed=0, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def llada_llm():
+    # Small token budget: prompts and returned blocks arrive in chunks, so
+    # the runner's wait-for-the-whole-input path is exercised.
+    llm = start_engine(str(ASSETS / "llada-tiny"), max_num_batched_tokens=32)
+    yield llm
+    del llm
+
+
+@pytest.fixture(scope="session")
+def dream_llm():
+    llm = start_engine(str(ASSETS / "dream-tiny"))
     yield llm
     del llm

@@ -32,9 +32,36 @@ def test_bad_knob_is_rejected_at_submission(llada_llm, knobs, message):
         llada_llm.generate("Copyright", sp, use_tqdm=False)
 
 
-def test_sampling_is_refused_until_supported(llada_llm):
-    with pytest.raises(RequestError, match="temperature"):
-        llada_llm.generate("Copyright", SamplingParams(temperature=0.7, max_tokens=8), use_tqdm=False)
+@pytest.mark.parametrize("knobs,message", [
+    ({"algorithm": "maskgit_plus"}, "algorithm must be one of \\['low_confidence', 'random'\\]"),
+    ({"eps": 0.01}, "unknown diffusion knob"),
+    ({"top_k": 5}, "unknown diffusion knob"),
+])
+def test_knob_of_another_family_is_rejected(llada_llm, knobs, message):
+    sp = SamplingParams(temperature=0, max_tokens=32, extra_args=knobs)
+    with pytest.raises(RequestError, match=message):
+        llada_llm.generate("Copyright", sp, use_tqdm=False)
+
+
+def test_llada_refuses_top_k_sampling(llada_llm):
+    sp = SamplingParams(temperature=0.7, top_k=5, max_tokens=8)
+    with pytest.raises(RequestError, match="top_k"):
+        llada_llm.generate("Copyright", sp, use_tqdm=False)
+
+
+@pytest.mark.parametrize("knobs,message", [
+    ({"threshold": 0.9}, "unknown diffusion knob"),
+    ({"algorithm": "low_confidence"}, "algorithm"),
+    ({"eps": 0}, "eps"),
+    ({"eps": 1.0}, "eps"),
+    ({"top_k": -1}, "top_k"),
+    ({"top_p": 0}, "top_p"),
+    ({"alg_temp": -0.5}, "alg_temp"),
+])
+def test_dream_bad_knobs(dream_llm, knobs, message):
+    sp = SamplingParams(temperature=0, max_tokens=16, extra_args=knobs)
+    with pytest.raises(RequestError, match=message):
+        dream_llm.generate("Copyright", sp, use_tqdm=False)
 
 
 def test_engine_serves_good_requests_after_bad_ones(llada_llm):

@@ -1,0 +1,89 @@
+"""Dream through the real LLM(..., worker_cls=...) against the official
+``diffusion_generate`` outputs (../shared/golden/dream_cases.json), and the
+port's forward against the official logits."""
+
+from functools import partial
+
+import pytest
+import torch
+from vllm import SamplingParams
+
+from conftest import GOLDEN, golden_cases
+
+EOS = 0
+
+
+def cases():
+    return golden_cases("dream_cases.json")["cases"]
+
+
+def params_for(case, ignore_eos):
+    knobs = {"algorithm": case["alg"], "steps": case["steps"], "eps": case["eps"],
+             "top_k": case["top_k"], "top_p": case["top_p"]}
+    return SamplingParams(temperature=case["temperature"], max_tokens=case["max_new_tokens"],
+                          ignore_eos=ignore_eos, extra_args=knobs)
+
+
+def expected(case, ignore_eos):
+    out = case["output_ids"]
+    if not ignore_eos and EOS in out:
+        return out[: out.index(EOS) + 1]
+    return out
+
+
+def generate(llm, batch, ignore_eos):
+    outs = llm.generate([{"prompt_token_ids": c["prompt_ids"]} for c in batch],
+                        [params_for(c, ignore_eos) for c in batch], use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+@pytest.mark.parametrize("ignore_eos", [True, False])
+def test_cases_in_one_batch(dream_llm, ignore_eos):
+    batch = cases()
+    assert {c["alg"] for c in batch} >= {"maskgit_plus", "topk_margin", "entropy"}
+    for case, tokens in zip(batch, generate(dream_llm, batch, ignore_eos)):
+        assert tokens == expected(case, ignore_eos), case["name"]
+
+
+def test_cases_one_at_a_time(dream_llm):
+    for case in cases():
+        assert generate(dream_llm, [case], True)[0] == expected(case, True), case["name"]
+
+
+def test_default_top_k_is_dreams_50(dream_llm):
+    # A case made with top_k=50, top_p=None, sent without those knobs.
+    case = next(c for c in cases() if c["top_k"] == 50 and c["top_p"] is None)
+    sp = SamplingParams(temperature=0, max_tokens=case["max_new_tokens"], ignore_eos=True,
+                        extra_args={"algorithm": case["alg"], "steps": case["steps"]})
+    out = dream_llm.generate([{"prompt_token_ids": case["prompt_ids"]}], sp, use_tqdm=False)
+    assert list(out[0].outputs[0].token_ids) == case["output_ids"]
+
+
+def _forward_logits(model, input_ids):
+    from vllm_omni.kernels import SequenceBatch
+
+    ids = input_ids.to(next(model.parameters()).device)
+    n = ids.numel()
+    positions = torch.arange(n, device=ids.device)
+    # Row i of Dream's shifted logits is the output at i - 1 (row 0 repeats
+    # itself in the reference); ask for rows 1..n-1 and compare those.
+    rows = torch.arange(1, n, device=ids.device)
+    with torch.inference_mode():
+        return model.denoise_logits(ids, positions, SequenceBatch.from_lengths([n]), rows).cpu()
+
+
+def test_forward_matches_official_logits(dream_llm):
+    path = GOLDEN / "dream_forward.safetensors"
+    if not path.exists():
+        pytest.skip("golden forward not found")
+    from safetensors.torch import load_file
+
+    ref = load_file(str(path))
+    (logits,) = dream_llm.apply_model(partial(_forward_logits, input_ids=ref["input_ids"]))
+    want = ref["logits"]
+    # The file holds the model's raw (unshifted) logits: our rows 1..n-1 are
+    # the outputs of positions 0..n-2.
+    raw = want[:-1]
+    assert ((logits - raw).norm() / raw.norm()).item() < 1e-5
+    assert (logits - raw).abs().max().item() < 1e-4
+    assert torch.equal(logits.argmax(-1), raw.argmax(-1))
