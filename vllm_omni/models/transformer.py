@@ -81,7 +81,9 @@ class DenoiseAttention(nn.Module):
         )
         self.rotary_emb = get_rope(
             self.head_dim,
-            max_position=shape.max_position,
+            # The last block may reach past max_model_len (the canvas rounds
+            # max_tokens up to whole blocks, a block being <= max_tokens).
+            max_position=2 * max(shape.max_position, vllm_config.model_config.max_model_len),
             rope_parameters={"rope_theta": shape.rope_theta, "rope_type": "default"},
             is_neox_style=True,
         )
