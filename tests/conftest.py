@@ -31,9 +31,9 @@ def start_engine(model: str, **kwargs):
 
     # Two engines may be alive at once (a session fixture and a module's):
     # each takes a modest share of the device (of RAM on CPU).
-    kwargs.setdefault("gpu_memory_utilization", 0.3)
-    return LLM(model=model, worker_cls=WORKER, dtype="float32", max_model_len=512,
-               seed=0, **kwargs)
+    kwargs = {"gpu_memory_utilization": 0.3, "dtype": "float32", "max_model_len": 512,
+              "seed": 0, **kwargs}
+    return LLM(model=model, worker_cls=WORKER, **kwargs)
 
 
 @pytest.fixture(scope="session")

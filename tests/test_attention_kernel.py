@@ -9,6 +9,12 @@ triton) first. The interpreter cases therefore run in one child process
 (this file run as a script with ``--interpret``, the variable set in its
 environment), which prints one JSON result per case; the tests read those.
 
+Cases with ``kv_lens`` give keys their own layout (``kv_batch``), as in the
+KV-cached denoising modes: q rows packed by ``lens``, k/v rows of sequence i
+``kv_lens[i]`` long, packed in order or (``kv_shuffled``) in reverse order
+with NaN rows between sequences, so reading any row outside a sequence's keys
+poisons the output.
+
 The interpreter cannot run ``tl.dot`` on bfloat16 (it keeps bf16 as uint16 and
 multiplies the bit patterns; Triton's debugging guide lists bf16 as
 unsupported, triton-lang/triton#11584), and it truncates fp32 -> bf16 casts
@@ -34,25 +40,42 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _case(name, lens, heads, kv_heads, head_dim, dtype, packed=False):
+def _case(name, lens, heads, kv_heads, head_dim, dtype, packed=False,
+          kv_lens=None, kv_shuffled=False, explicit_kv=False):
+    """packed: q, k, v are strided views (of one qkv tensor when kv_lens is
+    None, else q of a wider tensor and k, v of one kv tensor). explicit_kv:
+    also check that kv_batch=batch gives the kv_batch=None output bit for bit."""
+    assert kv_lens is None or len(kv_lens) == len(lens)
     return dict(name=name, lens=lens, heads=heads, kv_heads=kv_heads,
-                head_dim=head_dim, dtype=dtype, packed=packed)
+                head_dim=head_dim, dtype=dtype, packed=packed, kv_lens=kv_lens,
+                kv_shuffled=kv_shuffled, explicit_kv=explicit_kv)
 
 
 # Small enough for the interpreter (the whole file takes seconds on CPU).
 SMALL = [
-    _case("one-seq-70-fp32-d64", [70], 2, 2, 64, "fp32"),
+    _case("one-seq-70-fp32-d64", [70], 2, 2, 64, "fp32", explicit_kv=True),
     _case("one-token-fp32-d128", [1], 2, 1, 128, "fp32"),
     _case("many-gqa4-fp32-d64", [1, 7, 33, 70], 4, 1, 64, "fp32"),
     _case("many-gqa2x2-fp32-d64", [70, 7, 1, 33], 4, 2, 64, "fp32"),
     _case("many-packed-fp32-d128", [33, 1, 70, 7], 2, 2, 128, "fp32", packed=True),
     _case("zero-len-seq-fp32-d64", [5, 0, 33], 2, 2, 64, "fp32"),
-    _case("many-gqa4-bf16-d64", [1, 7, 33, 70], 4, 1, 64, "bf16"),
+    _case("many-gqa4-bf16-d64", [1, 7, 33, 70], 4, 1, 64, "bf16", explicit_kv=True),
     _case("many-packed-bf16-d128", [70, 1, 33], 2, 2, 128, "bf16", packed=True),
     _case("one-seq-bf16-d128", [129], 2, 2, 128, "bf16"),
     _case("many-packed-gqa4-fp16-d64", [7, 70, 1, 33], 4, 1, 64, "fp16", packed=True),
     _case("many-fp16-d128", [33, 7], 2, 2, 128, "fp16"),
     _case("d16-fp32", [17, 3], 2, 1, 16, "fp32"),
+    # Keys laid out apart from queries (kv_batch).
+    _case("kv-3seq-fp32-d64", [8, 1, 33], 2, 2, 64, "fp32", True, kv_lens=[40, 17, 70]),
+    _case("kv-3seq-gqa4-fp16-d64", [8, 1, 33], 4, 1, 64, "fp16", True,
+          kv_lens=[40, 17, 70], kv_shuffled=True),
+    _case("kv-equal-lens-gqa2-fp32-d128", [33, 7, 1], 4, 2, 128, "fp32", True,
+          kv_lens=[33, 7, 1], kv_shuffled=True),
+    _case("kv-zero-queries-gqa2-fp32-d64", [5, 0, 0, 32], 4, 2, 64, "fp32",
+          kv_lens=[40, 17, 0, 70], kv_shuffled=True),
+    _case("kv-more-queries-than-keys-fp32-d64", [70, 3], 2, 1, 64, "fp32", True, kv_lens=[9, 1]),
+    _case("kv-block32-bf16-d128", [32, 32, 32], 2, 1, 128, "bf16", True,
+          kv_lens=[384, 200, 97], kv_shuffled=True),
 ]
 LARGE = [
     _case("gpu-8x300-600-bf16-d128", [300, 412, 517, 600, 333, 450, 599, 301], 32, 32, 128, "bf16"),
@@ -62,16 +85,60 @@ LARGE = [
     _case("gpu-fp32-d64-one", [1500], 4, 4, 64, "fp32"),
     _case("gpu-bf16-d256", [5, 200, 333], 8, 2, 256, "bf16"),
     _case("gpu-64-seqs-bf16-d128", [128, 256] * 32, 32, 8, 128, "bf16", True),
+    _case("gpu-kv-dual-cache-bf16-d128", [32] * 16, 32, 8, 128, "bf16", True,
+          kv_lens=[384, 400, 256, 512] * 4, kv_shuffled=True),
+    _case("gpu-kv-fp16-d64-mixed", [1, 0, 64, 65, 200, 32], 16, 4, 64, "fp16", True,
+          kv_lens=[300, 5, 64, 1000, 200, 384]),
 ]
 CASES = SMALL + (LARGE if ON_CUDA else [])
 
 
+def _batches(case):
+    """(batch, kv_batch) of a case; kv_batch None when keys share q's rows."""
+    batch = SequenceBatch.from_lengths(case["lens"])
+    kv_lens = case["kv_lens"]
+    if kv_lens is None:
+        return batch, None
+    if not case["kv_shuffled"]:
+        return batch, SequenceBatch.from_lengths(kv_lens)
+    starts, pos = [0] * len(kv_lens), 2  # reverse order, 2 NaN rows around each
+    for i in reversed(range(len(kv_lens))):
+        starts[i] = pos
+        pos += kv_lens[i] + 2
+    return batch, SequenceBatch(tuple(starts), tuple(kv_lens))
+
+
+def _kv_rows(kv_batch):
+    return max(s + n for s, n in zip(kv_batch.starts, kv_batch.lens)) + 2
+
+
 def _inputs(case, device):
-    """Fresh random q, k, v (seeded per case); packed: views of one qkv tensor."""
+    """Fresh random q, k, v (seeded per case); packed: views of one qkv tensor
+    (or with kv_lens: q a view of a wider tensor, k, v views of one kv tensor)."""
     gen = torch.Generator().manual_seed(zlib.crc32(case["name"].encode()))
     dtype = DTYPES[case["dtype"]]
     tokens = sum(case["lens"])
     h, kh, d = case["heads"], case["kv_heads"], case["head_dim"]
+    _, kv_batch = _batches(case)
+    if kv_batch is not None:
+        kv_tokens = _kv_rows(kv_batch)
+        if case["packed"]:
+            q = torch.randn(tokens, (h + 1) * d, generator=gen).to(device, dtype)
+            q = q[:, : h * d].view(tokens, h, d)
+            kv = torch.randn(kv_tokens, 2 * kh * d, generator=gen).to(device, dtype)
+            k, v = (t.view(kv_tokens, kh, d) for t in kv.split(kh * d, dim=-1))
+            assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+        else:
+            q = torch.randn(tokens, h, d, generator=gen).to(device, dtype)
+            k, v = (torch.randn(kv_tokens, kh, d, generator=gen).to(device, dtype)
+                    for _ in range(2))
+        # Rows of no sequence are NaN: the kernel must never read them.
+        used = torch.zeros(kv_tokens, dtype=torch.bool)
+        for s, n in zip(kv_batch.starts, kv_batch.lens):
+            used[s : s + n] = True
+        k[~used.to(device)] = float("nan")
+        v[~used.to(device)] = float("nan")
+        return q, k, v
     if case["packed"]:
         qkv = torch.randn(tokens, (h + 2 * kh) * d, generator=gen).to(device, dtype)
         q = qkv[:, : h * d].view(tokens, h, d)
@@ -87,26 +154,31 @@ def run_case(case, device):
     from vllm_omni.kernels.triton_attention import bidirectional_attention_triton
 
     q, k, v = _inputs(case, device)
-    batch = SequenceBatch.from_lengths(case["lens"])
+    batch, kv_batch = _batches(case)
     tokens, h, d = q.shape
     scale = d**-0.5
     # Output goes into a NaN-poisoned strided window of a larger buffer, so
     # unwritten rows and writes outside the window are both caught.
     buf = torch.full((tokens + 2, h, d + 16), float("nan"), dtype=q.dtype, device=device)
     out = buf[1 : tokens + 1, :, :d]
-    ret = bidirectional_attention_triton(q, k, v, batch, scale, out=out)
+    ret = bidirectional_attention_triton(q, k, v, batch, scale, kv_batch, out=out)
     assert ret.data_ptr() == out.data_ptr()
     written = torch.zeros(buf.shape, dtype=torch.bool, device=device)
     written[1 : tokens + 1, :, :d] = True
     # Sequences of length 0 own no rows; every row here belongs to one.
-    ref = bidirectional_attention_reference(q.double(), k.double(), v.double(), batch, scale)
+    ref = bidirectional_attention_reference(q.double(), k.double(), v.double(), batch, scale,
+                                            kv_batch)
     err = (out.double() - ref).abs().max().item() / ref.abs().max().item()
-    return dict(
+    res = dict(
         rel_err=err,
         all_finite=bool(torch.isfinite(out).all()),
         outside_untouched=bool(buf[~written].isnan().all()),
         dtype_ok=out.dtype == q.dtype,
     )
+    if case["explicit_kv"]:  # the kv-table kernel variant, given q's own layout
+        explicit = bidirectional_attention_triton(q, k, v, batch, scale, batch)
+        res["explicit_kv_equal"] = bool(torch.equal(explicit, out))
+    return res
 
 
 def _check(case, res):
@@ -114,6 +186,7 @@ def _check(case, res):
     assert res["outside_untouched"], "kernel wrote outside the output view"
     assert res["dtype_ok"], "output dtype differs from q"
     assert res["rel_err"] < TOL[DTYPES[case["dtype"]]], res
+    assert res.get("explicit_kv_equal", True), "kv_batch=batch differs from kv_batch=None"
 
 
 @pytest.fixture(scope="module")
@@ -139,33 +212,122 @@ def test_kernel_matches_reference(case, request):
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="needs CUDA")
-def test_batched_launch_equals_per_sequence_launches():
+@pytest.mark.parametrize("name", ["gpu-8-packed-gqa-bf16-d128", "gpu-kv-dual-cache-bf16-d128"])
+def test_batched_launch_equals_per_sequence_launches(name):
     from vllm_omni.kernels.triton_attention import bidirectional_attention_triton
 
-    case = LARGE[1]
+    case = next(c for c in LARGE if c["name"] == name)
     q, k, v = _inputs(case, "cuda")
-    batch = SequenceBatch.from_lengths(case["lens"])
-    whole = bidirectional_attention_triton(q, k, v, batch, 0.1)
-    for s, n in zip(batch.starts, batch.lens):
+    batch, kv_batch = _batches(case)
+    whole = bidirectional_attention_triton(q, k, v, batch, 0.1, kv_batch)
+    for i, (s, n) in enumerate(zip(batch.starts, batch.lens)):
         rows = slice(s, s + n)
-        one = bidirectional_attention_triton(q[rows], k[rows], v[rows],
-                                             SequenceBatch.from_lengths([n]), 0.1)
+        if kv_batch is None:
+            one = bidirectional_attention_triton(q[rows], k[rows], v[rows],
+                                                 SequenceBatch.from_lengths([n]), 0.1)
+        else:
+            kn = kv_batch.lens[i]
+            kv_rows = slice(kv_batch.starts[i], kv_batch.starts[i] + kn)
+            one = bidirectional_attention_triton(
+                q[rows], k[kv_rows], v[kv_rows], SequenceBatch.from_lengths([n]), 0.1,
+                SequenceBatch.from_lengths([kn]))
         assert torch.equal(one, whole[rows])
 
 
-def test_dispatch():
+def _naive_attention(q, k, v, batch, scale, kv_batch):
+    """softmax(q k^T * scale) v per sequence, written out (float64)."""
+    group = q.shape[1] // k.shape[1]
+    out = torch.zeros_like(q, dtype=torch.float64)
+    for s, n, ks, kn in zip(batch.starts, batch.lens, kv_batch.starts, kv_batch.lens):
+        qi = q[s : s + n].double()
+        ki = k[ks : ks + kn].double().repeat_interleave(group, dim=1)
+        vi = v[ks : ks + kn].double().repeat_interleave(group, dim=1)
+        p = torch.einsum("qhd,khd->hqk", qi, ki).mul(scale).softmax(-1)
+        out[s : s + n] = torch.einsum("hqk,khd->qhd", p, vi)
+    return out
+
+
+@pytest.mark.parametrize("name", ["kv-3seq-gqa4-fp16-d64", "kv-zero-queries-gqa2-fp32-d64"])
+def test_reference_with_kv_batch(name):
+    case = next(c for c in SMALL if c["name"] == name)
+    q, k, v = (t.double() for t in _inputs(case, "cpu"))
+    batch, kv_batch = _batches(case)
+    ref = bidirectional_attention_reference(q, k, v, batch, 0.2, kv_batch)
+    torch.testing.assert_close(ref, _naive_attention(q, k, v, batch, 0.2, kv_batch))
+    # kv_batch=None means kv_batch=batch, bit for bit.
+    q, k, v = _inputs(SMALL[2], "cpu")
+    batch = SequenceBatch.from_lengths(SMALL[2]["lens"])
+    assert torch.equal(bidirectional_attention_reference(q, k, v, batch, 0.2),
+                       bidirectional_attention_reference(q, k, v, batch, 0.2, batch))
+
+
+def test_kv_batch_validation():
+    q = torch.randn(6, 2, 16)
+    kv = torch.randn(10, 2, 16)
+    batch = SequenceBatch.from_lengths([3, 3])
+    with pytest.raises(ValueError, match="sequences"):
+        bidirectional_attention_reference(q, kv, kv, batch, 1.0, SequenceBatch.from_lengths([10]))
+    with pytest.raises(ValueError, match="no keys"):
+        bidirectional_attention_reference(q, kv, kv, batch, 1.0,
+                                          SequenceBatch.from_lengths([10, 0]))
+    # No queries needs no keys.
+    ok = SequenceBatch.from_lengths([6, 0])
+    bidirectional_attention_reference(q, kv, kv, ok, 1.0, SequenceBatch.from_lengths([10, 0]))
+
+
+@pytest.mark.parametrize("name", ["many-gqa4-fp32-d64", "kv-3seq-gqa4-fp16-d64"])
+def test_dispatch(name):
     from vllm_omni.kernels import bidirectional_attention
 
     device = "cuda" if ON_CUDA else "cpu"
-    q, k, v = _inputs(SMALL[2], device)
-    batch = SequenceBatch.from_lengths(SMALL[2]["lens"])
-    got = bidirectional_attention(q, k, v, batch, 0.125)
+    case = next(c for c in SMALL if c["name"] == name)
+    q, k, v = _inputs(case, device)
+    batch, kv_batch = _batches(case)
+    got = bidirectional_attention(q, k, v, batch, 0.125, kv_batch)
     if ON_CUDA:
         from vllm_omni.kernels.triton_attention import bidirectional_attention_triton
 
-        assert torch.equal(got, bidirectional_attention_triton(q, k, v, batch, 0.125))
+        want = bidirectional_attention_triton(q, k, v, batch, 0.125, kv_batch)
     else:
-        assert torch.equal(got, bidirectional_attention_reference(q, k, v, batch, 0.125))
+        want = bidirectional_attention_reference(q, k, v, batch, 0.125, kv_batch)
+    assert torch.equal(got, want)
+
+
+def _kernel_validation(device):
+    """Messages of the errors the kernel raises on bad kv layouts (in order)."""
+    from vllm_omni.kernels.triton_attention import bidirectional_attention_triton
+
+    q = torch.randn(6, 2, 16, device=device)
+    kv = torch.randn(10, 2, 16, device=device)
+    batch = SequenceBatch.from_lengths([3, 3])
+    bad = [SequenceBatch.from_lengths([10]),  # wrong number of sequences
+           SequenceBatch.from_lengths([10, 0]),  # queries without keys
+           SequenceBatch((0, 5), (5, 6)),  # rows past the end of k/v
+           None]  # no kv_batch: k/v must have q's rows
+    msgs = []
+    for kv_batch in bad:
+        try:
+            bidirectional_attention_triton(q, kv, kv, batch, 1.0, kv_batch)
+            msgs.append(None)
+        except (ValueError, AssertionError) as e:
+            msgs.append(str(e))
+    return msgs
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="needs CUDA")
+def test_kernel_validation_cuda():
+    _check_validation(_kernel_validation("cuda"))
+
+
+@pytest.mark.skipif(ON_CUDA, reason="checked natively")
+def test_kernel_validation_interpreted(request):
+    _check_validation(request.getfixturevalue("interpreted")["kv-validation"])
+
+
+def _check_validation(msgs):
+    assert len(msgs) == 4 and None not in msgs, msgs
+    assert "sequences" in msgs[0] and "no keys" in msgs[1]
+    assert "k/v rows" in msgs[2] and "q's rows" in msgs[3]
 
 
 def _patch_interpreter_bf16():
@@ -205,4 +367,5 @@ if __name__ == "__main__" and sys.argv[1:] == ["--interpret"]:
             results[c["name"]] = run_case(c, "cpu")
         except Exception as e:  # reported per case by the parent
             results[c["name"]] = {"error": f"{type(e).__name__}: {e}"}
+    results["kv-validation"] = _kernel_validation("cpu")
     print(json.dumps(results))

@@ -60,7 +60,7 @@ def test_default_top_k_is_dreams_50(dream_llm):
 
 
 def _forward_logits(model, input_ids):
-    from vllm_omni.kernels import SequenceBatch
+    from vllm_omni.models.attention_plan import AttentionPlan, SequencePlan
 
     ids = input_ids.to(next(model.parameters()).device)
     n = ids.numel()
@@ -69,7 +69,7 @@ def _forward_logits(model, input_ids):
     # itself in the reference); ask for rows 1..n-1 and compare those.
     rows = torch.arange(1, n, device=ids.device)
     with torch.inference_mode():
-        return model.denoise_logits(ids, positions, SequenceBatch.from_lengths([n]), rows).cpu()
+        return model.denoise_logits(ids, positions, AttentionPlan([SequencePlan(n, 0, n)]), rows).cpu()
 
 
 def test_forward_matches_official_logits(dream_llm):
@@ -87,3 +87,22 @@ def test_forward_matches_official_logits(dream_llm):
     assert ((logits - raw).norm() / raw.norm()).item() < 1e-5
     assert (logits - raw).abs().max().item() < 1e-4
     assert torch.equal(logits.argmax(-1), raw.argmax(-1))
+
+
+def test_cache_modes_run_and_are_batch_invariant(dream_llm):
+    # No official outputs exist for Dream with Fast-dLLM caches: check that
+    # each request decodes the same alone and packed with others in mixed
+    # modes (the shifted query window of the cached steps included).
+    base = cases()[1]
+    params = [SamplingParams(temperature=0, max_tokens=32, ignore_eos=True,
+                             extra_args={"steps": 16, "block_length": 8, "cache": mode,
+                                         "algorithm": alg})
+              for mode, alg in (("prefix", "maskgit_plus"), ("dual", "entropy"),
+                                ("none", "topk_margin"), ("dual", "maskgit_plus"))]
+    prompts = [{"prompt_token_ids": base["prompt_ids"][: 4 + i]} for i in range(4)]
+    together = dream_llm.generate(prompts, params, use_tqdm=False)
+    for prompt, sp, out in zip(prompts, params, together):
+        alone = dream_llm.generate([prompt], sp, use_tqdm=False)[0]
+        assert list(out.outputs[0].token_ids) == list(alone.outputs[0].token_ids)
+        assert len(out.outputs[0].token_ids) == 32
+        assert 1985 not in out.outputs[0].token_ids  # no mask token left

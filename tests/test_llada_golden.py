@@ -9,12 +9,20 @@ from conftest import golden_cases
 STOP_IDS = (0, 4)  # <|endoftext|>, <|eot_id|> (generation_config.json)
 
 
+CACHE = {"exact": "none", "prefix_cache": "prefix", "dual_cache": "dual"}
+
+
+def all_cases():
+    return golden_cases("llada_cases.json")["cases"]
+
+
 def exact_cases():
-    return [c for c in golden_cases("llada_cases.json")["cases"] if c["mode"] == "exact"]
+    return [c for c in all_cases() if c["mode"] == "exact"]
 
 
 def params_for(case, ignore_eos):
-    knobs = {"steps": case["steps"], "block_length": case["block_length"]}
+    knobs = {"steps": case["steps"], "block_length": case["block_length"],
+             "cache": CACHE[case["mode"]]}
     if case["threshold"] is not None:
         knobs["threshold"] = case["threshold"]
     return SamplingParams(
@@ -48,6 +56,21 @@ def test_exact_cases_in_one_batch(llada_llm, ignore_eos):
     got = generate(llada_llm, cases, ignore_eos)
     for case, tokens in zip(cases, got):
         assert tokens == expected(case, ignore_eos), case["name"]
+
+
+@pytest.mark.parametrize("ignore_eos", [True, False])
+def test_cache_modes_mixed_with_exact_in_one_batch(llada_llm, ignore_eos):
+    cases = all_cases()
+    assert {c["mode"] for c in cases} == {"exact", "prefix_cache", "dual_cache"}
+    got = generate(llada_llm, cases, ignore_eos)
+    for case, tokens in zip(cases, got):
+        assert tokens == expected(case, ignore_eos), case["name"]
+
+
+def test_cache_cases_one_at_a_time(llada_llm):
+    for case in all_cases():
+        if case["mode"] != "exact":
+            assert generate(llada_llm, [case], True)[0] == expected(case, True), case["name"]
 
 
 def test_exact_cases_one_at_a_time(llada_llm):

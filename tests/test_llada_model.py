@@ -11,14 +11,14 @@ import pytest
 
 
 def _forward_logits(model, input_ids):
-    from vllm_omni.kernels import SequenceBatch
+    from vllm_omni.models.attention_plan import AttentionPlan, SequencePlan
 
     ids = input_ids.to(next(model.parameters()).device)
     n = ids.numel()
     positions = torch.arange(n, device=ids.device)
     rows = torch.arange(n, device=ids.device)
     with torch.inference_mode():
-        return model.denoise_logits(ids, positions, SequenceBatch.from_lengths([n]), rows).cpu()
+        return model.denoise_logits(ids, positions, AttentionPlan([SequencePlan(n, 0, n)]), rows).cpu()
 
 
 def test_forward_matches_official_logits(llada_llm):

@@ -1,8 +1,19 @@
 """The denoising loop: decode the current block of every ready request.
 
 Runner-agnostic: it sees token ids and a ``DiffusionLM``, nothing of vLLM's
-scheduler. Requests in different settings and at different steps share each
-batched forward; a request leaves the loop as soon as its block is decided.
+scheduler. Requests in different settings, cache modes and at different steps
+share each batched forward; a request leaves the loop as soon as its block is
+decided.
+
+Cache modes (Fast-dLLM, NVlabs/Fast-dLLM ``llada/generate.py``):
+- ``none``: every step runs the whole canvas.
+- ``prefix``: the block's first step runs the whole canvas and keeps its keys;
+  later steps run the block and everything after it, over the kept keys of
+  the positions before the block.
+- ``dual``: as ``prefix``, but later steps run only the block, over the kept
+  keys before and after it.
+The kept keys live in the job, so they last one block (one engine step) and
+are gone when the step returns.
 """
 
 from dataclasses import dataclass
@@ -11,7 +22,7 @@ import torch
 
 from vllm_omni.diffusion.algorithms import ALGORITHMS
 from vllm_omni.diffusion.params import DiffusionParams
-from vllm_omni.kernels import SequenceBatch
+from vllm_omni.models.attention_plan import AttentionPlan, LayerKV, SequencePlan
 
 
 @dataclass
@@ -25,10 +36,27 @@ class BlockJob:
     params: DiffusionParams
     generator: torch.Generator | None = None
     step: int = 0  # denoising steps taken on this block
+    cache: LayerKV | None = None  # keys from this block's first step
+
+    @property
+    def block_end(self) -> int:
+        return self.block_start + self.params.block_length
 
     @property
     def block(self) -> torch.Tensor:
-        return self.canvas[self.block_start : self.block_start + self.params.block_length]
+        return self.canvas[self.block_start : self.block_end]
+
+    def plan(self, logit_shift: int) -> SequencePlan:
+        """Which positions this step runs. A family whose logits are shifted
+        also runs the position before the block (its output predicts the
+        block's first token)."""
+        length = len(self.canvas)
+        mode = self.params.cache
+        if mode == "none" or self.step == 0:
+            return SequencePlan(length, 0, length, record=mode != "none")
+        q_start = self.block_start - logit_shift
+        q_end = length if mode == "prefix" else self.block_end
+        return SequencePlan(length, q_start, q_end, cache=self.cache)
 
 
 class Denoiser:
@@ -69,21 +97,22 @@ class Denoiser:
         return {job.req_id: job.block.tolist() for job in jobs}
 
     def _forward(self, jobs: list[BlockJob]) -> torch.Tensor:
-        """One bidirectional forward over all canvases, packed; logits for
-        the rows of each job's current block."""
-        batch = SequenceBatch.from_lengths([len(j.canvas) for j in jobs])
-        input_ids = torch.cat([j.canvas for j in jobs])
-        positions = torch.cat(
-            [torch.arange(n, device=self.device) for n in batch.lens]
-        )
+        """One forward over every job's planned positions, packed; logits
+        for the rows of each job's current block."""
+        shift = self.model.logit_shift
+        plan = AttentionPlan([job.plan(shift) for job in jobs])
+        input_ids = torch.cat([j.canvas[s.q_start : s.q_end] for j, s in zip(jobs, plan.seqs)])
         rows = torch.cat(
             [
-                torch.arange(j.block_start, j.block_start + j.params.block_length)
-                + start
-                for j, start in zip(jobs, batch.starts)
+                torch.arange(job.block_start, job.block_end) - seq.q_start + start
+                for job, seq, start in zip(jobs, plan.seqs, plan.queries.starts)
             ]
         ).to(self.device)
-        return self.model.denoise_logits(input_ids, positions, batch, rows)
+        logits = self.model.denoise_logits(input_ids, plan.positions(self.device), plan, rows)
+        for job, seq, recorded in zip(jobs, plan.seqs, plan.recorded):
+            if seq.record:
+                job.cache = recorded
+        return logits
 
     def _step(self, job: BlockJob, logits: torch.Tensor) -> None:
         block = job.block

@@ -8,7 +8,7 @@ the model family's defaults.
 | algorithm | all | the family's (``Family.algorithms``; the first is the default) |
 | steps | all | int >= 1, a multiple of the number of blocks, <= the canvas |
 | block_length | all | 1 <= int <= max_tokens (the canvas is max_tokens rounded up to blocks) |
-| cache | all | "none" |
+| cache | all | "none" (every step runs the whole canvas), "prefix", "dual" (Fast-dLLM's caches) |
 | threshold | llada | float in (0, 1]: confidence-threshold parallel decoding |
 | eps | dream | float in (0, 1): the last time of Dream's schedule |
 | top_k, top_p | dream | int >= 0 (0 = off), float in (0, 1] (1 = off): filtering before confidences |
@@ -27,7 +27,7 @@ from typing import Any
 from vllm_omni.compat import RequestError
 from vllm_omni.models import Family
 
-CACHE_MODES = ("none",)
+CACHE_MODES = ("none", "prefix", "dual")
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,8 @@
 """Attention for the denoising forward: packed variable-length sequences,
 every query attending to every key of its own sequence (no causal mask).
+``batch`` lays out the query rows; ``kv_batch`` (default: ``batch``) lays out
+the key/value rows, for KV-cached denoising where a block's queries attend to
+cached prefix/suffix keys plus their own fresh keys.
 
 ``bidirectional_attention`` runs the Triton kernel in ``triton_attention.py``
 for CUDA tensors and the plain PyTorch reference in ``reference.py``
@@ -15,9 +18,10 @@ from vllm_omni.kernels.reference import (
 __all__ = ["SequenceBatch", "bidirectional_attention"]
 
 
-def bidirectional_attention(q, k, v, batch: SequenceBatch, scale: float):
+def bidirectional_attention(q, k, v, batch: SequenceBatch, scale: float,
+                            kv_batch: SequenceBatch | None = None):
     if q.is_cuda:
         from vllm_omni.kernels.triton_attention import bidirectional_attention_triton
 
-        return bidirectional_attention_triton(q, k, v, batch, scale)
-    return bidirectional_attention_reference(q, k, v, batch, scale)
+        return bidirectional_attention_triton(q, k, v, batch, scale, kv_batch)
+    return bidirectional_attention_reference(q, k, v, batch, scale, kv_batch)

@@ -1,17 +1,23 @@
 """Triton kernel: bidirectional (non-causal) attention over packed sequences.
 
 Same contract as ``bidirectional_attention_reference``: q is
-[tokens, num_heads, head_dim], k/v are [tokens, num_kv_heads, head_dim]
-(GQA: query head h reads kv head h // (num_heads // num_kv_heads)), sequence
-i owns rows starts[i]:starts[i]+lens[i] and every query attends to every key
-of its own sequence.
+[q_tokens, num_heads, head_dim], k/v are [kv_tokens, num_kv_heads, head_dim]
+(GQA: query head h reads kv head h // (num_heads // num_kv_heads)). Sequence
+i owns q rows batch.starts[i]:+batch.lens[i] and k/v rows
+kv_batch.starts[i]:+kv_batch.lens[i] (kv_batch None: the same rows as batch,
+q/k/v then all have batch's layout); every query attends to every key of its
+own sequence. Separate layouts serve the KV-cached denoising modes, where a
+block's queries attend to cached prefix/suffix keys plus their own fresh keys.
+A sequence may have no queries (it gets no tiles); one with queries must have
+keys.
 
 Tiling. Each sequence is cut into query tiles of BLOCK_M rows; the tiles of
-all sequences are listed in one int32 table (sequence start, sequence length,
-tile offset inside the sequence), built once per (batch, BLOCK_M, device) and
-cached. The kernel is launched once, on a grid of (tiles, query heads): a
-program loads its [BLOCK_M, head_dim] query tile, walks the keys and values of
-its own sequence in blocks of BLOCK_N rows and keeps a flash-attention online
+all sequences are listed in one int32 table (query start, query length, tile
+offset inside the sequence, and with a kv_batch also key start and key
+length), built once per (batch, kv_batch, BLOCK_M, device) and cached. The
+kernel is launched once, on a grid of (tiles, query heads): a program loads
+its [BLOCK_M, head_dim] query tile, walks the keys and values of its own
+sequence in blocks of BLOCK_N rows and keeps a flash-attention online
 softmax (running max m, running sum l, fp32 accumulator), rescaling the
 accumulator whenever the max grows; it divides by l once at the end. Rows past
 the end of a sequence are masked on load (query tile tails, key block tails:
@@ -26,7 +32,9 @@ token and head strides are passed explicitly; the last dim must have stride 1
 (it is copied otherwise). ``out`` may be given (any strided [tokens, heads,
 head_dim] view with a unit last stride); rows of no sequence are not written.
 head_dim must be a power of two in 16..256. Offsets inside one sequence are
-int32: seq_len * token_stride must stay below 2**31.
+int32: seq_len * token_stride (for q, k, v and out) must stay below 2**31.
+Without a kv_batch the kernel is compiled without the key columns (SEP_KV
+False) and does exactly what it did before they existed.
 """
 
 from functools import lru_cache
@@ -35,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_omni.kernels.reference import SequenceBatch
+from vllm_omni.kernels.reference import SequenceBatch, check_kv_batch
 
 
 @triton.jit
@@ -51,13 +59,23 @@ def _bidir_attn_kernel(
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    SEP_KV: tl.constexpr,
 ):
     tile = tl.program_id(0)
     head = tl.program_id(1)
     kv_head = head // GROUP
-    seq_start = tl.load(Tiles + 3 * tile).to(tl.int64)
-    seq_len = tl.load(Tiles + 3 * tile + 1)
-    m_off = tl.load(Tiles + 3 * tile + 2)
+    if SEP_KV:  # rows (q start, q len, tile offset, kv start, kv len)
+        seq_start = tl.load(Tiles + 5 * tile).to(tl.int64)
+        seq_len = tl.load(Tiles + 5 * tile + 1)
+        m_off = tl.load(Tiles + 5 * tile + 2)
+        kv_start = tl.load(Tiles + 5 * tile + 3).to(tl.int64)
+        kv_len = tl.load(Tiles + 5 * tile + 4)
+    else:  # rows (start, len, tile offset): keys share the query rows
+        seq_start = tl.load(Tiles + 3 * tile).to(tl.int64)
+        seq_len = tl.load(Tiles + 3 * tile + 1)
+        m_off = tl.load(Tiles + 3 * tile + 2)
+        kv_start = seq_start
+        kv_len = seq_len
 
     offs_m = m_off + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -66,22 +84,23 @@ def _bidir_attn_kernel(
 
     q_ptrs = Q + (seq_start + offs_m)[:, None] * s_qt + head * s_qh + offs_d[None, :]
     q = tl.load(q_ptrs, mask=m_mask[:, None], other=0.0)
-    k_base = K + seq_start * s_kt + kv_head * s_kh
-    v_base = V + seq_start * s_vt + kv_head * s_vh
+    k_base = K + kv_start * s_kt + kv_head * s_kh
+    v_base = V + kv_start * s_vt + kv_head * s_vh
 
     qk_scale = scale * 1.4426950408889634  # log2(e): softmax in base 2
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    for n0 in range(0, seq_len, BLOCK_N):
+    for n0 in range(0, kv_len, BLOCK_N):
         rows = n0 + offs_n
-        n_mask = rows < seq_len
+        n_mask = rows < kv_len
         k = tl.load(k_base + rows[None, :] * s_kt + offs_d[:, None],
                     mask=n_mask[None, :], other=0.0)  # [HEAD_DIM, BLOCK_N]
         s = _dot(q, k, None, IEEE) * qk_scale
         s = tl.where(n_mask[None, :], s, float("-inf"))
-        # The first block always holds a real key, so m_new is finite.
+        # The first block always holds a real key (kv_len > 0 wherever a
+        # tile exists), so m_new is finite.
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -106,6 +125,22 @@ def _tile_table(batch: SequenceBatch, block_m: int, device: torch.device) -> tor
     return torch.tensor(rows, dtype=torch.int32).reshape(-1, 3).to(device)
 
 
+@lru_cache(maxsize=256)
+def _kv_tile_table(
+    batch: SequenceBatch, kv_batch: SequenceBatch, block_m: int, device: torch.device
+) -> tuple[torch.Tensor, int]:
+    """Tiles with key columns, and the number of k/v rows the layout needs."""
+    check_kv_batch(batch, kv_batch)
+    rows = [
+        (start, n, off, kv_start, kv_n)
+        for start, n, kv_start, kv_n in zip(batch.starts, batch.lens,
+                                            kv_batch.starts, kv_batch.lens)
+        for off in range(0, n, block_m)
+    ]
+    kv_end = max((s + n for s, n in zip(kv_batch.starts, kv_batch.lens)), default=0)
+    return torch.tensor(rows, dtype=torch.int32).reshape(-1, 5).to(device), kv_end
+
+
 def _config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages), picked by a sweep on an H100."""
     if dtype == torch.float32:  # IEEE fp32 dots run on CUDA cores: small tiles
@@ -114,16 +149,19 @@ def _config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
 
 
 def bidirectional_attention_triton(
-    q: torch.Tensor,  # [tokens, num_heads, head_dim]
-    k: torch.Tensor,  # [tokens, num_kv_heads, head_dim]
-    v: torch.Tensor,  # [tokens, num_kv_heads, head_dim]
+    q: torch.Tensor,  # [q_tokens, num_heads, head_dim]
+    k: torch.Tensor,  # [kv_tokens, num_kv_heads, head_dim]
+    v: torch.Tensor,  # [kv_tokens, num_kv_heads, head_dim]
     batch: SequenceBatch,
     scale: float,
+    kv_batch: SequenceBatch | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
-    assert k.shape == v.shape and k.shape[0] == tokens and k.shape[2] == head_dim
+    assert k.shape == v.shape and k.shape[2] == head_dim
+    assert kv_batch is not None or k.shape[0] == tokens, \
+        "without kv_batch, k/v must have q's rows"
     assert num_heads % num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads"
     assert q.dtype == k.dtype == v.dtype, "q, k, v must share a dtype"
     assert 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0, \
@@ -133,7 +171,11 @@ def bidirectional_attention_triton(
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     assert out.shape == q.shape and out.stride(-1) == 1
     block_m, block_n, num_warps, num_stages = _config(head_dim, q.dtype)
-    tiles = _tile_table(batch, block_m, q.device)
+    if kv_batch is None:
+        tiles = _tile_table(batch, block_m, q.device)
+    else:
+        tiles, kv_end = _kv_tile_table(batch, kv_batch, block_m, q.device)
+        assert k.shape[0] >= kv_end, f"kv_batch needs {kv_end} k/v rows, got {k.shape[0]}"
     if tiles.shape[0] == 0:
         return out
     _bidir_attn_kernel[(tiles.shape[0], num_heads)](
@@ -142,7 +184,7 @@ def bidirectional_attention_triton(
         v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_M=block_m, BLOCK_N=block_n,
-        IEEE=q.dtype == torch.float32,
+        IEEE=q.dtype == torch.float32, SEP_KV=kv_batch is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

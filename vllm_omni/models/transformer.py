@@ -8,8 +8,9 @@ own models; each family file only maps its config and weight names.
 Two forwards exist:
 - ``forward``: vLLM's standard signature, attention through vLLM's paged
   ``Attention`` layer. vLLM calls it for memory profiling and warm-up.
-- ``denoise_hidden``: the denoising forward over whole canvases, attention
-  through ``vllm_omni.kernels.bidirectional_attention`` (no causal mask).
+- ``denoise_logits``: the denoising forward, attention as an
+  ``AttentionPlan`` says (no causal mask; whole canvases, or query blocks
+  over cached keys) through ``vllm_omni.kernels``.
 """
 
 from collections.abc import Callable, Iterable
@@ -35,7 +36,7 @@ from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.distributed import get_tensor_model_parallel_world_size
 
 from vllm_omni.compat import PagedAttention
-from vllm_omni.kernels import SequenceBatch, bidirectional_attention
+from vllm_omni.models.attention_plan import AttentionPlan
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,11 @@ class TransformerShape:
 
 
 class DenoiseAttention(nn.Module):
-    def __init__(self, shape: TransformerShape, vllm_config: VllmConfig, prefix: str):
+    def __init__(
+        self, shape: TransformerShape, vllm_config: VllmConfig, prefix: str, layer_idx: int
+    ):
         super().__init__()
+        self.layer_idx = layer_idx
         tp = get_tensor_model_parallel_world_size()
         self.head_dim = shape.hidden_size // shape.num_heads
         self.num_heads = shape.num_heads // tp
@@ -102,19 +106,19 @@ class DenoiseAttention(nn.Module):
         self,
         positions: torch.Tensor,
         hidden_states: torch.Tensor,
-        batch: SequenceBatch | None,
+        plan: AttentionPlan | None,
     ) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = self.rotary_emb(positions, q, k)
-        if batch is None:
+        if plan is None:
             out = self.attn(q, k, v)
         else:
-            out = bidirectional_attention(
+            out = plan.attend(
+                self.layer_idx,
                 q.view(-1, self.num_heads, self.head_dim),
                 k.view(-1, self.num_kv_heads, self.head_dim),
                 v.view(-1, self.num_kv_heads, self.head_dim),
-                batch,
                 self.scale,
             ).reshape(-1, self.q_size)
         out, _ = self.o_proj(out)
@@ -145,19 +149,21 @@ class SwiGLU(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, shape: TransformerShape, vllm_config: VllmConfig, prefix: str):
+    def __init__(
+        self, shape: TransformerShape, vllm_config: VllmConfig, prefix: str, layer_idx: int
+    ):
         super().__init__()
         self.input_layernorm = RMSNorm(shape.hidden_size, eps=shape.rms_norm_eps)
-        self.self_attn = DenoiseAttention(shape, vllm_config, f"{prefix}.self_attn")
+        self.self_attn = DenoiseAttention(shape, vllm_config, f"{prefix}.self_attn", layer_idx)
         self.post_attention_layernorm = RMSNorm(
             shape.hidden_size, eps=shape.rms_norm_eps
         )
         self.mlp = SwiGLU(shape, f"{prefix}.mlp")
 
-    def forward(self, positions, hidden_states, batch):
+    def forward(self, positions, hidden_states, plan):
         # Plain pre-norm residual blocks, written out (no fused add+norm) so
         # the float32 arithmetic follows the reference implementations.
-        h = self.self_attn(positions, self.input_layernorm(hidden_states), batch)
+        h = self.self_attn(positions, self.input_layernorm(hidden_states), plan)
         hidden_states = hidden_states + h
         h = self.mlp(self.post_attention_layernorm(hidden_states))
         return hidden_states + h
@@ -168,15 +174,15 @@ class BidirectionalTransformer(nn.Module):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(shape.vocab_size, shape.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(shape, vllm_config, f"{prefix}.layers.{i}")
+            DecoderLayer(shape, vllm_config, f"{prefix}.layers.{i}", i)
             for i in range(shape.num_layers)
         )
         self.norm = RMSNorm(shape.hidden_size, eps=shape.rms_norm_eps)
 
-    def forward(self, input_ids, positions, batch: SequenceBatch | None):
+    def forward(self, input_ids, positions, plan: AttentionPlan | None):
         hidden_states = self.embed_tokens(input_ids)
         for layer in self.layers:
-            hidden_states = layer(positions, hidden_states, batch)
+            hidden_states = layer(positions, hidden_states, plan)
         return self.norm(hidden_states)
 
 
@@ -229,12 +235,12 @@ class DiffusionLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        batch: SequenceBatch,
+        plan: AttentionPlan,
         rows: torch.Tensor,
     ) -> torch.Tensor:
-        """Logits predicting the tokens at flat rows ``rows`` of the packed
-        canvases. Only those rows go through the LM head."""
-        hidden = self.model(input_ids, positions, batch)
+        """Logits predicting the tokens at packed query rows ``rows``. Only
+        the rows they are read from go through the LM head."""
+        hidden = self.model(input_ids, positions, plan)
         return self.compute_logits(hidden[rows - self.logit_shift])
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
