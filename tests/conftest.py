@@ -55,7 +55,7 @@ def dream_llm():
 class Server:
     """A real OpenAI-compatible vLLM server in a subprocess on 127.0.0.1."""
 
-    def __init__(self, model: str, *extra_args: str):
+    def __init__(self, model: str, *extra_args: str, env: dict | None = None):
         import socket
         import subprocess
         import sys
@@ -73,7 +73,8 @@ class Server:
                "--max-model-len", "512", "--gpu-memory-utilization", "0.3",
                "--host", "127.0.0.1", "--port", str(self.port), "--seed", "0", *extra_args]
         self.log = open(REPO / f".server-{self.port}.log", "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
         deadline = time.time() + 240
         while time.time() < deadline:
             if self.proc.poll() is not None:

