@@ -38,9 +38,10 @@ def start_engine(model: str, **kwargs):
 
 @pytest.fixture(scope="session")
 def llada_llm():
-    # Small token budget: prompts and returned blocks arrive in chunks, so
-    # the runner's wait-for-the-whole-input path is exercised.
-    llm = start_engine(str(ASSETS / "llada-tiny"), max_num_batched_tokens=32)
+    # Small token budget: a batch's prompts arrive in chunks (the runner's
+    # wait-for-the-whole-input path), and the denoiser decodes a batch in
+    # groups of at most 128 canvas tokens (two or three requests each).
+    llm = start_engine(str(ASSETS / "llada-tiny"), max_num_batched_tokens=128)
     yield llm
     del llm
 

@@ -15,6 +15,12 @@ Cache modes (Fast-dLLM, NVlabs/Fast-dLLM ``llada/generate.py``):
 The kept keys live in the job, so they last one block (one engine step) and
 are gone when the step returns.
 
+Memory: requests are decoded in groups whose canvases add up to at most the
+engine's token budget (``max_num_batched_tokens``, what vLLM profiled a
+forward at), so a forward never packs more tokens than that (unless one canvas
+alone is longer), and the kept keys never exceed that many tokens' worth,
+the amount the runner reserves while vLLM profiles memory.
+
 Under tensor parallelism every rank runs this loop on the same (all-gathered)
 logits; after each step the first rank's blocks are broadcast so no rank can
 commit a different position or token.
@@ -65,9 +71,10 @@ class BlockJob:
 
 
 class Denoiser:
-    def __init__(self, model, device: torch.device):
+    def __init__(self, model, device: torch.device, token_budget: int):
         self.model = model
         self.device = device
+        self.token_budget = token_budget
         self.mask_token_id = model.mask_token_id
         self.tp_size = get_tensor_model_parallel_world_size()
 
@@ -91,6 +98,18 @@ class Denoiser:
 
     def run(self, jobs: list[BlockJob]) -> dict[str, list[int]]:
         """Denoise every job's block to completion; return the blocks."""
+        group, tokens = [], 0
+        for job in jobs:
+            if group and tokens + len(job.canvas) > self.token_budget:
+                self._decode(group)
+                group, tokens = [], 0
+            group.append(job)
+            tokens += len(job.canvas)
+        if group:
+            self._decode(group)
+        return {job.req_id: job.block.tolist() for job in jobs}
+
+    def _decode(self, jobs: list[BlockJob]) -> None:
         active = list(jobs)
         while active:
             logits = self._forward(active)
@@ -102,7 +121,8 @@ class Denoiser:
             if self.tp_size > 1:
                 self._agree(active)
             active = [j for j in active if bool((j.block == self.mask_token_id).any())]
-        return {job.req_id: job.block.tolist() for job in jobs}
+        for job in jobs:
+            job.cache = None
 
     def _forward(self, jobs: list[BlockJob]) -> torch.Tensor:
         """One forward over every job's planned positions, packed; logits

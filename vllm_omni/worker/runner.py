@@ -13,6 +13,7 @@ as input once, which is when the next block is decoded.
 Models that are not diffusion LMs take vLLM's own path untouched.
 """
 
+import torch
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
 from vllm_omni.diffusion.denoiser import Denoiser
@@ -28,11 +29,30 @@ class DiffusionRunnerMixin:
         super().load_model(*args, **kwargs)
         model = self.get_model()
         if isinstance(model, DiffusionLM):
-            self.denoiser = Denoiser(model, self.device)
+            self.denoiser = Denoiser(
+                model, self.device, self.scheduler_config.max_num_batched_tokens
+            )
             self.diffusion_family = FAMILIES[model.__class__.__name__]
             additional = self.vllm_config.additional_config or {}
             self.diffusion_defaults = additional.get("diffusion", {})
             self.diffusion_params: dict[str, DiffusionParams] = {}
+
+    def profile_run(self) -> None:
+        """vLLM sizes its KV cache from the peak memory of this run. Hold the
+        most the denoiser keeps beside it (keys and values of one token
+        budget, for the prefix/dual caches) while vLLM profiles its forward,
+        so that peak includes it."""
+        if self.denoiser is None:
+            return super().profile_run()
+        layers = self.denoiser.model.model.layers
+        per_token = len(layers) * 2 * layers[0].self_attn.kv_size  # this rank's K and V
+        reserve = torch.empty(
+            (self.denoiser.token_budget, per_token), dtype=self.dtype, device=self.device
+        )
+        try:
+            super().profile_run()
+        finally:
+            del reserve
 
     def execute_model(self, scheduler_output, intermediate_tensors=None):
         if self.denoiser is None:
