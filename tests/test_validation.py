@@ -87,3 +87,13 @@ def test_defaults_block_32_and_steps_equal_canvas(llada_llm):
     sp = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     out = llada_llm.generate([{"prompt_token_ids": case["prompt_ids"]}], sp, use_tqdm=False)
     assert list(out[0].outputs[0].token_ids) == case["output_ids"]
+
+
+@pytest.mark.parametrize("field,value", [
+    ("presence_penalty", 0.5), ("repetition_penalty", 1.2), ("min_p", 0.1), ("min_tokens", 4),
+    ("logit_bias", {5: 1.0}), ("allowed_token_ids", [5, 6]), ("prompt_logprobs", 1),
+])
+def test_sampling_fields_the_denoiser_cannot_honour_are_refused(llada_llm, field, value):
+    sp = SamplingParams(temperature=0.8, max_tokens=8, **{field: value})
+    with pytest.raises(RequestError, match=field):
+        llada_llm.generate("Copyright", sp, use_tqdm=False)

@@ -24,6 +24,22 @@ from vllm_omni.models import FAMILIES_BY_NAME
 from vllm_omni.diffusion.params import resolve_params
 
 
+# SamplingParams fields the denoiser does not apply, with their "off" value:
+# a request that sets one is refused rather than silently decoded without it.
+UNSUPPORTED = {
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "repetition_penalty": 1.0,
+    "min_p": 0.0,
+    "min_tokens": 0,
+    "logit_bias": None,
+    "allowed_token_ids": None,
+    "bad_words": None,
+    "structured_outputs": None,
+    "prompt_logprobs": None,
+}
+
+
 class DiffusionRequestValidator(LogitsProcessor):
     """Checks the diffusion knobs of each request; never touches logits."""
 
@@ -42,9 +58,12 @@ class DiffusionRequestValidator(LogitsProcessor):
             top_p=sampling_params.top_p,
             logprobs=sampling_params.logprobs,
         )
-        if sampling_params.prompt_logprobs is not None:
-            raise RequestError("prompt_logprobs are not available for diffusion models",
-                               parameter="prompt_logprobs")
+        for field, off in UNSUPPORTED.items():
+            if getattr(sampling_params, field, off) not in (off, None, [], {}):
+                raise RequestError(
+                    f"{field} is not supported by diffusion decoding; leave it unset",
+                    parameter=field,
+                )
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         pass
