@@ -120,7 +120,9 @@ class Denoiser:
                 offset += n
             if self.tp_size > 1:
                 self._agree(active)
-            active = [j for j in active if bool((j.block == self.mask_token_id).any())]
+            # One device sync for the whole batch, not one per request.
+            unfinished = torch.stack([(j.block == self.mask_token_id).any() for j in active])
+            active = [j for j, more in zip(active, unfinished.tolist()) if more]
         for job in jobs:
             job.cache = None
 
