@@ -21,10 +21,6 @@ class SequenceBatch:
             pos += n
         return cls(tuple(starts), tuple(lens))
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.lens)
-
 
 def check_kv_batch(batch: SequenceBatch, kv_batch: SequenceBatch) -> None:
     """Both batches list the same sequences; a sequence with queries has keys."""

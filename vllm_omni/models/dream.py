@@ -49,7 +49,6 @@ _PROJ = re.compile(r"(.*\.)(q_proj|k_proj|v_proj|gate_proj|up_proj)(\.weight|\.b
 
 
 class DreamModel(DiffusionLM):
-    family = "dream"
     logit_shift = 1
 
     @staticmethod

@@ -77,7 +77,6 @@ _TOP = re.compile(r"model\.transformer\.(\w+)\.(weight|bias)$")
 
 
 class LLaDAModelLM(DiffusionLM):
-    family = "llada"
     logit_shift = 0
 
     @staticmethod

@@ -13,7 +13,7 @@ Two forwards exist:
   over cached keys) through ``vllm_omni.kernels``.
 """
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -186,19 +186,14 @@ class BidirectionalTransformer(nn.Module):
         return self.norm(hidden_states)
 
 
-# A family maps a checkpoint weight name to (our parameter name, shard id).
-WeightNameMap = Callable[[str], tuple[str, str | int | None] | None]
-
-
 class DiffusionLM(nn.Module):
     """Base class of the diffusion model families (see ``models/llada.py``).
 
-    A family sets ``family`` (its name in ``vllm_omni.models.FAMILIES``),
-    implements ``shape_from_config`` and ``map_weight_name``, and says how its
-    logits line up with canvas positions through ``logit_shift``.
+    A family (registered in ``vllm_omni.models.FAMILIES`` under its class
+    name) implements ``shape_from_config`` and ``map_weight_name``, and says
+    how its logits line up with canvas positions through ``logit_shift``.
     """
 
-    family: str = ""
     # Position i's token is predicted from the output at i - logit_shift.
     logit_shift: int = 0
 
@@ -218,6 +213,8 @@ class DiffusionLM(nn.Module):
 
     @staticmethod
     def map_weight_name(name: str) -> tuple[str, str | int | None] | None:
+        """Checkpoint weight name -> (our parameter name, shard id), or None
+        to skip the weight."""
         raise NotImplementedError
 
     # vLLM's model interface -------------------------------------------------
