@@ -2,7 +2,6 @@
 ``diffusion_generate`` outputs (../shared/golden/dream_cases.json)."""
 
 import pytest
-import torch
 from vllm import SamplingParams
 
 from conftest import golden_cases

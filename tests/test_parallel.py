@@ -4,7 +4,6 @@ machine; the same code runs on GPUs), token-exact; pipeline parallel refused
 at start-up with a message saying what to use."""
 
 import concurrent.futures
-import json
 
 import openai
 import pytest

@@ -115,19 +115,12 @@ def check_knobs(knobs: Any, family: Family, where: str = "extra_args") -> dict:
 
 
 def resolve_params(
-    family: Family,
-    *,
-    max_tokens: int | None,
-    temperature: float,
-    extra_args: Any,
-    engine_defaults: dict | None = None,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    logprobs: int | None = None,
+    family: Family, sampling_params, engine_defaults: dict | None = None
 ) -> DiffusionParams:
-    """The request's decoding parameters. ``top_k``/``top_p`` are the
-    request's SamplingParams values (vLLM resets them for greedy requests,
-    hence the knobs of the same names, which win)."""
+    """The request's decoding parameters, from its ``SamplingParams``.
+    ``top_k``/``top_p`` there are the request's own (vLLM resets them for
+    greedy requests, hence the knobs of the same names, which win)."""
+    top_k, top_p = sampling_params.top_k, sampling_params.top_p
     knobs = dict(family.knobs)
     if "top_k" in family.knobs:
         if top_k > 0:
@@ -138,13 +131,10 @@ def resolve_params(
         _fail("top_k" if top_k > 0 else "top_p",
               f"is not used by {family.name}'s reference sampler; leave it unset")
     knobs.update(check_knobs(engine_defaults, family, "additional_config['diffusion']"))
-    requested = check_knobs(extra_args, family)
+    requested = check_knobs(sampling_params.extra_args, family)
     knobs.update(requested)
-    if logprobs is not None:
-        _fail("logprobs", "are not available: a diffusion step commits tokens by "
-              "confidence, which is not the output distribution's log-probability")
 
-    max_tokens = _int("max_tokens", max_tokens, 1)
+    max_tokens = _int("max_tokens", sampling_params.max_tokens, 1)
     if requested.get("block_length", 0) > max_tokens:
         _fail("block_length", f"must be <= max_tokens ({max_tokens}), "
               f"got {requested['block_length']}")
@@ -163,5 +153,6 @@ def resolve_params(
     knobs.setdefault("algorithm", family.algorithms[0])
     knobs.setdefault("cache", CACHE_MODES[0])
     knobs.update(steps=steps, block_length=block_length)
-    return DiffusionParams(canvas_length=canvas_length, temperature=temperature,
+    return DiffusionParams(canvas_length=canvas_length,
+                           temperature=sampling_params.temperature,
                            **{k: v for k, v in knobs.items() if v is not None})

@@ -2,8 +2,8 @@
 
 vLLM calls ``validate_params`` of every custom logits processor class named in
 ``ModelConfig.logits_processors`` while it checks a request's
-``SamplingParams`` in the front end (``LLM.generate`` raises ``ValueError``,
-the OpenAI server answers 400). The engine config hook
+``SamplingParams`` in the front end (``LLM.generate`` raises vLLM's
+``VLLMValidationError``, the OpenAI server answers 400). The engine config hook
 (``vllm_omni.engine_config``) adds one such class for diffusion models only.
 
 The class must know the model family and the engine-wide defaults, and vLLM
@@ -36,7 +36,12 @@ UNSUPPORTED = {
     "allowed_token_ids": None,
     "bad_words": None,
     "structured_outputs": None,
+    "logprobs": None,
     "prompt_logprobs": None,
+}
+WHY = {
+    "logprobs": "a diffusion step commits tokens by confidence, which is not the "
+    "output distribution's log-probability",
 }
 
 
@@ -48,22 +53,14 @@ class DiffusionRequestValidator(LogitsProcessor):
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams):
-        resolve_params(
-            FAMILIES_BY_NAME[cls.family_name],
-            max_tokens=sampling_params.max_tokens,
-            temperature=sampling_params.temperature,
-            extra_args=sampling_params.extra_args,
-            engine_defaults=cls.engine_defaults,
-            top_k=sampling_params.top_k,
-            top_p=sampling_params.top_p,
-            logprobs=sampling_params.logprobs,
-        )
         for field, off in UNSUPPORTED.items():
             if getattr(sampling_params, field, off) not in (off, None, [], {}):
+                why = WHY.get(field, "the denoiser does not apply it")
                 raise RequestError(
-                    f"{field} is not supported by diffusion decoding; leave it unset",
+                    f"{field} is not supported by diffusion decoding ({why}); leave it unset",
                     parameter=field,
                 )
+        resolve_params(FAMILIES_BY_NAME[cls.family_name], sampling_params, cls.engine_defaults)
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         pass

@@ -99,13 +99,7 @@ class DiffusionRunnerMixin:
         if params is None:
             # Already validated at submission; this cannot raise here.
             params = resolve_params(
-                self.diffusion_family,
-                max_tokens=sampling_params.max_tokens,
-                temperature=sampling_params.temperature,
-                extra_args=sampling_params.extra_args,
-                engine_defaults=self.diffusion_defaults,
-                top_k=sampling_params.top_k,
-                top_p=sampling_params.top_p,
+                self.diffusion_family, sampling_params, self.diffusion_defaults
             )
             self.diffusion_params[req_id] = params
         return params
