@@ -24,6 +24,7 @@ sdpa-padded pads keys only, fa-varlen gets separate cu_seqlens_q/k.
 """
 
 import argparse
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -70,12 +71,17 @@ def check_correctness(args, dtype):
 
 
 def load_fa_varlen():
+    """vLLM's varlen FlashAttention at the version its FlashAttention backend
+    picks for this GPU (FA3 on Hopper: the GPU bundle ships no FA2)."""
     try:
+        from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
         from vllm.vllm_flash_attn import flash_attn_varlen_func
+        version = get_flash_attn_version()
     except Exception as e:  # vLLM or its FA build missing
         print(f"fa-varlen skipped: {type(e).__name__}: {e}")
         return None
-    return flash_attn_varlen_func
+    print(f"fa-varlen: FlashAttention {version}")
+    return functools.partial(flash_attn_varlen_func, fa_version=version)
 
 
 def methods(lens, q, k, v, scale, fa_varlen, kv_lens=None):

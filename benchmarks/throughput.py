@@ -1,43 +1,100 @@
-"""Offline throughput: a diffusion LM through vLLM-Omni next to plain vLLM AR
-decoding on a Llama of the same dimensions, in one run.
+"""Offline throughput: a diffusion LM through vLLM-Omni, in each cache mode and
+at fixed tokens per step, next to plain vLLM AR decoding on a Llama of the
+same dimensions, in one run.
 
     python benchmarks/throughput.py --model ../shared/models/llada-8b-shape \
-        --batch 1 32 --gen 256 --block 32 --tokens-per-step 1 4
+        --batch 1 8 32 64 --gen 256 --block 32 --tokens-per-step 1 2 4 \
+        --json benchmarks/results/h100_llada8b_modes.json
+    python benchmarks/plot_throughput.py benchmarks/results/h100_llada8b_modes.json
 
 Dummy weights (``load_format="dummy"``) in bf16, random prompt token ids, no
-tokenizer. Each engine runs in its own process (vLLM frees a GPU engine
-reliably only at process exit). Prints one table; ``--json`` writes it too.
+tokenizer. One diffusion engine serves every row (batch x mode x k, the knobs
+are per request); the AR twin runs after it. Each engine runs in its own
+process (vLLM frees a GPU engine reliably only at process exit).
+
+k tokens per step is fixed through ``steps = canvas // k``: dummy weights never
+pass a confidence threshold, so every block takes exactly block // k steps.
+Mode "none" is printed as "exact". A row whose estimated time (the last
+measurement of the same mode and k, warm-up included, scaled linearly by
+batch) exceeds ``--max-seconds-per-row`` is not run but recorded as skipped,
+with the estimate. Prints one table; ``--json`` writes all rows.
 """
 
 import argparse
 import json
+import math
 import multiprocessing as mp
 import os
+import sys
 import tempfile
 import time
+import traceback
 
 WORKER = "vllm_omni.worker.DiffusionGPUWorker"
+LABEL = {"none": "exact", "prefix": "prefix", "dual": "dual"}
 
 
-def llama_twin(diffusion_config: dict, path: str) -> str:
+def model_shape(config: dict) -> dict:
+    """Dimensions from config.json: LLaDA's keys or Dream's (Qwen2's)."""
+    def first(*keys):
+        return next(config[k] for k in keys if config.get(k))  # LLaDA may write n_kv_heads: null
+    return {
+        "hidden": first("d_model", "hidden_size"),
+        "heads": first("n_heads", "num_attention_heads"),
+        "kv_heads": first("n_kv_heads", "num_key_value_heads", "n_heads", "num_attention_heads"),
+        "layers": first("n_layers", "num_hidden_layers"),
+        "mlp": first("mlp_hidden_size", "intermediate_size"),
+        "vocab": first("embedding_size", "vocab_size"),  # LLaDA's head is embedding_size wide
+        # Dream predicts position i from the output at i - 1 (models/dream.py).
+        "logit_shift": int("DreamModel" in config.get("architectures", [])),
+    }
+
+
+def denoise_flops(s: dict, prompt: int, gen: int, block: int, k: int, mode: str) -> float:
+    """FLOPs of one request's denoising forwards (a multiply-add is 2 FLOPs).
+
+    Every forward runs q query tokens against all L = prompt + canvas keys
+    (canvas = gen rounded up to whole blocks; the cache modes splice cached
+    keys in, so attention always spans L):
+      linear     2 * q * layers * (2*h*h + 2*h*kv_dim + 3*h*mlp)   (q,o; k,v; gate,up,down)
+      attention  4 * q * L * h * layers   (QK^T and PV, h = q heads * head_dim; bidirectional)
+      LM head    2 * block * h * vocab    (only the block's rows go through the head)
+    Steps per block spb = block // k. exact ("none"): spb forwards over L.
+    prefix: one over L, then spb - 1 over the block and everything after it.
+    dual: one over L, then spb - 1 over the block only. Dream's cached steps
+    also run the position before the block (its logit shift): included.
+    Embeddings, norms, RoPE, softmax and biases are left out.
+    Divide by seconds for TFLOP/s; ``--peak-tflops`` defaults to 989, the
+    H100 SXM dense bf16 peak, for ``tflops_frac``.
+    """
+    h, layers = s["hidden"], s["layers"]
+    kv_dim = s["kv_heads"] * h // s["heads"]
+    per_token = 2 * layers * (2 * h * h + 2 * h * kv_dim + 3 * h * s["mlp"])
+    canvas = math.ceil(gen / block) * block
+    length, spb = prompt + canvas, block // k
+    total = 0.0
+    for start in range(prompt, length, block):
+        cached = {"none": length, "prefix": length - start + s["logit_shift"],
+                  "dual": block + s["logit_shift"]}[mode]
+        for q in [length] + [cached] * (spb - 1):
+            total += q * per_token + 4 * q * length * h * layers
+        total += spb * 2 * block * h * s["vocab"]
+    return total
+
+
+def llama_twin(s: dict, config: dict, path: str) -> str:
     """A Llama config with the diffusion model's dimensions (MHA/GQA, MLP,
     vocab), for the AR baseline."""
-    c = diffusion_config
-    hidden = c.get("d_model", c.get("hidden_size"))
     llama = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": hidden,
-        "intermediate_size": c.get("mlp_hidden_size", c.get("intermediate_size")),
-        "num_attention_heads": c.get("n_heads", c.get("num_attention_heads")),
-        "num_key_value_heads": c.get("n_kv_heads") or c.get("num_key_value_heads"),
-        "num_hidden_layers": c.get("n_layers", c.get("num_hidden_layers")),
-        "vocab_size": c.get("embedding_size") or c["vocab_size"],
-        "max_position_embeddings": c.get("max_sequence_length", c.get("max_position_embeddings")),
-        "rms_norm_eps": c.get("rms_norm_eps", 1e-5),
-        "rope_theta": c.get("rope_theta", 10000.0),
-        "torch_dtype": "bfloat16",
-        "tie_word_embeddings": False,
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": s["hidden"], "intermediate_size": s["mlp"],
+        "num_attention_heads": s["heads"], "num_key_value_heads": s["kv_heads"],
+        "num_hidden_layers": s["layers"], "vocab_size": s["vocab"],
+        "max_position_embeddings": config.get("max_sequence_length",
+                                              config.get("max_position_embeddings")),
+        "rms_norm_eps": config.get("rms_norm_eps", 1e-5),
+        "rope_theta": config.get("rope_theta", 10000.0),
+        "torch_dtype": "bfloat16", "tie_word_embeddings": False,
     }
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
@@ -45,78 +102,167 @@ def llama_twin(diffusion_config: dict, path: str) -> str:
     return path
 
 
-def run_engine(kind: str, model: str, args, queue) -> None:
+def run_engine(kind: str, model: str, args, shape: dict, out_path: str) -> None:
+    """Runs every row of one engine; appends each row to ``out_path`` as a
+    JSON line when done, so a crash keeps the rows measured before it."""
     import numpy as np
     from vllm import LLM, SamplingParams
 
+    canvas = math.ceil(args.gen / args.block) * args.block
     kwargs = dict(model=model, load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
-                  max_model_len=args.prompt + args.gen + 64, seed=0,
+                  max_model_len=args.prompt + canvas + 64, seed=0,
                   gpu_memory_utilization=args.gpu_memory_utilization)
     if kind == "diffusion":
-        kwargs["worker_cls"] = WORKER
+        # One forward may pack every canvas of the largest batch (exact mode):
+        # the denoiser splits a step into groups of at most this many tokens.
+        kwargs.update(worker_cls=WORKER, enforce_eager=args.eager,
+                      max_num_batched_tokens=args.max_num_batched_tokens
+                      or max(args.batch) * (args.prompt + canvas))
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
-    start_s = time.perf_counter() - t0
+    start_s = round(time.perf_counter() - t0, 1)
     rng = np.random.default_rng(0)
     vocab = llm.llm_engine.model_config.get_vocab_size()
-    rows = []
-    variants = args.tokens_per_step if kind == "diffusion" else [None]
+    prompts = [{"prompt_token_ids": rng.integers(100, vocab - 1000, args.prompt).tolist()}
+               for _ in range(max(args.batch))]
+    variants = ([(m, k) for m in args.modes for k in args.tokens_per_step]
+                if kind == "diffusion" else [("ar", 1)])
+    last = {}  # (mode, k) -> (batch, seconds) of its latest run, for the estimate
     for batch in args.batch:
-        prompts = [{"prompt_token_ids": rng.integers(100, vocab - 1000, args.prompt).tolist()}
-                   for _ in range(batch)]
-        for k in variants:
+        for mode, k in variants:
             extra = None
-            if k is not None:
-                extra = {"block_length": args.block, "steps": args.gen // k}
-            sp = SamplingParams(temperature=0, max_tokens=args.gen, ignore_eos=True, extra_args=extra)
-            llm.generate(prompts[:1], sp, use_tqdm=False)  # warm-up
-            t = time.perf_counter()
-            outs = llm.generate(prompts, sp, use_tqdm=False)
-            elapsed = time.perf_counter() - t
-            tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-            rows.append({"engine": kind, "batch": batch, "tokens_per_step": k or 1,
-                         "tokens": tokens, "seconds": round(elapsed, 3),
-                         "tok_per_s": round(tokens / elapsed, 1), "engine_start_s": round(start_s, 1)})
-            print(rows[-1], flush=True)
-    queue.put(rows)
+            if kind == "diffusion":
+                extra = {"block_length": args.block, "steps": canvas // k, "cache": mode}
+            sp = SamplingParams(temperature=0, max_tokens=args.gen, ignore_eos=True,
+                                extra_args=extra)
+            row = {"engine": kind, "model": args.name, "mode": LABEL.get(mode, mode),
+                   "batch": batch, "k": k, "prompt": args.prompt, "gen": args.gen,
+                   "block": args.block, "engine_start_s": start_s}
+            if (mode, k) not in last:  # warm-up, once per variant; also the first estimate
+                t = time.perf_counter()
+                llm.generate(prompts[:1], sp, use_tqdm=False)
+                last[mode, k] = (1, time.perf_counter() - t)
+            b0, s0 = last[mode, k]
+            estimate = s0 * batch / b0  # linear in batch: pessimistic where batching helps
+            if estimate > args.max_seconds_per_row:
+                row.update(skipped=True, estimate_s=round(estimate, 2))
+            else:
+                if kind == "diffusion":
+                    # One block at this batch first: its CUDA graphs are
+                    # captured here, not in the timed run.
+                    warm = SamplingParams(temperature=0, max_tokens=args.block, ignore_eos=True,
+                                          extra_args={**extra, "steps": args.block // k})
+                    llm.generate(prompts[:batch], warm, use_tqdm=False)
+                    llm.collective_rpc("diffusion_step_stats", kwargs={"reset": True})
+                t = time.perf_counter()
+                outs = llm.generate(prompts[:batch], sp, use_tqdm=False)
+                elapsed = time.perf_counter() - t
+                last[mode, k] = (batch, elapsed)
+                tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+                # Steps each request takes; batched requests take them together.
+                steps = canvas // k if kind == "diffusion" else args.gen
+                row.update(tokens=tokens, seconds=round(elapsed, 3),
+                           tok_per_s=round(tokens / elapsed, 1),
+                           steps_per_s=round(steps / elapsed, 1))
+                if kind == "diffusion":
+                    flops = batch * denoise_flops(shape, args.prompt, args.gen, args.block, k, mode)
+                    tflops = flops / elapsed / 1e12
+                    # Significant digits, not decimals: a CPU's figures are tiny.
+                    row.update(tflops=float(f"{tflops:.4g}"),
+                               tflops_frac=float(f"{tflops / args.peak_tflops:.4g}"))
+                    # The denoiser's own account (rank 0): per step, the host
+                    # time until its kernels are queued vs. until it is done.
+                    st = llm.collective_rpc("diffusion_step_stats")[0]
+                    row.update(forwards=st["steps"], graph_forwards=st["graph_steps"],
+                               forward_tokens=st["forward_tokens"],
+                               host_ms_per_forward=round(1e3 * st["host_s"] / st["steps"], 3),
+                               wall_ms_per_forward=round(1e3 * st["wall_s"] / st["steps"], 3))
+            print(row, flush=True)
+            with open(out_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def engine_process(*args) -> None:
+    """run_engine in a child process. On an error, print it and exit at once:
+    a normal exit would wait forever on the engine's own processes."""
+    try:
+        run_engine(*args)
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{'engine':<10}{'mode':<7}{'batch':>6}{'k':>3}{'tok/s':>10}{'steps/s':>9}"
+          f"{'s':>9}{'TFLOP/s':>10}{'of peak':>11}  note")
+    for r in rows:
+        if r.get("skipped"):
+            print(f"{r['engine']:<10}{r['mode']:<7}{r['batch']:>6}{r['k']:>3}{'-':>10}{'-':>9}"
+                  f"{'-':>9}{'-':>10}{'-':>11}  skipped, estimate {r['estimate_s']} s")
+            continue
+        tf = f"{r['tflops']:.3g}" if "tflops" in r else "-"
+        frac = f"{100 * r['tflops_frac']:.3g}%" if "tflops_frac" in r else "-"
+        print(f"{r['engine']:<10}{r['mode']:<7}{r['batch']:>6}{r['k']:>3}{r['tok_per_s']:>10}"
+              f"{r['steps_per_s']:>9}{r['seconds']:>9}{tf:>10}{frac:>11}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="a diffusion model dir (config.json at least)")
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 64])
+    ap.add_argument("--modes", nargs="+", choices=list(LABEL), default=list(LABEL),
+                    help="cache modes; none is printed as exact")
+    ap.add_argument("--tokens-per-step", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--gen", type=int, default=256)
     ap.add_argument("--block", type=int, default=32)
-    ap.add_argument("--tokens-per-step", type=int, nargs="+", default=[1])
+    ap.add_argument("--max-seconds-per-row", type=float, default=60.0)
+    ap.add_argument("--peak-tflops", type=float, default=989.0,
+                    help="for tflops_frac; 989 = H100 SXM dense bf16")
     ap.add_argument("--no-ar", action="store_true", help="skip the AR baseline")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=0,
+                    help="the diffusion engine's token budget (default: the largest batch's canvases)")
+    ap.add_argument("--eager", action="store_true", help="no CUDA graphs of the dual cache's steps")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
+    bad = [k for k in args.tokens_per_step if k < 1 or args.block % k]
+    if bad:
+        ap.error(f"--tokens-per-step {bad}: each k must divide --block {args.block}")
+    args.batch = sorted(set(args.batch))  # ascending, so estimates scale up from measured rows
+    args.name = os.path.basename(os.path.normpath(args.model))
 
     with open(os.path.join(args.model, "config.json")) as f:
         config = json.load(f)
+    shape = model_shape(config)
     engines = [("diffusion", args.model)]
     if not args.no_ar:
-        engines.append(("ar", llama_twin(config, tempfile.mkdtemp(prefix="ar-twin-"))))
+        engines.append(("ar", llama_twin(shape, config, tempfile.mkdtemp(prefix="ar-twin-"))))
     ctx = mp.get_context("spawn")
-    rows = []
+    rows, failed = [], []
     for kind, model in engines:
-        queue = ctx.Queue()
-        proc = ctx.Process(target=run_engine, args=(kind, model, args, queue))
+        if args.json:  # beside the result, so a killed run leaves its rows
+            out_path = f"{args.json}.{kind}.jsonl"
+            open(out_path, "w").close()
+        else:
+            fd, out_path = tempfile.mkstemp(prefix=f"{kind}-rows-", suffix=".jsonl")
+            os.close(fd)
+        proc = ctx.Process(target=engine_process, args=(kind, model, args, shape, out_path))
         proc.start()
         proc.join()
+        with open(out_path) as f:
+            rows += [json.loads(line) for line in f]
+        os.unlink(out_path)
         if proc.exitcode != 0:
-            raise SystemExit(f"{kind} engine failed (exit code {proc.exitcode})")
-        rows += queue.get()
+            failed.append(f"{kind} engine failed (exit code {proc.exitcode})")
 
-    print(f"\n{'engine':<10}{'batch':>6}{'k':>4}{'tok/s':>10}{'s':>9}{'start s':>9}")
-    for r in rows:
-        print(f"{r['engine']:<10}{r['batch']:>6}{r['tokens_per_step']:>4}{r['tok_per_s']:>10}"
-              f"{r['seconds']:>9}{r['engine_start_s']:>9}")
+    print_table(rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+    if failed:
+        raise SystemExit("; ".join(failed) + " (its rows so far are above)")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 ASSETS = REPO / "vllm_omni" / "assets"
@@ -29,9 +30,11 @@ def golden_cases(name: str) -> dict:
 def start_engine(model: str, **kwargs):
     from vllm import LLM
 
-    # Two engines may be alive at once (a session fixture and a module's):
-    # each takes a modest share of the device (of RAM on CPU).
-    kwargs = {"gpu_memory_utilization": 0.3, "dtype": "float32", "max_model_len": 512,
+    # Three engines may be alive at once (the two session fixtures and a
+    # module's): each takes a modest share of the device (of RAM on CPU; on a
+    # GPU each process also holds its CUDA context and graphs beside it).
+    share = 0.2 if torch.cuda.is_available() else 0.3
+    kwargs = {"gpu_memory_utilization": share, "dtype": "float32", "max_model_len": 512,
               "seed": 0, **kwargs}
     return LLM(model=model, worker_cls=WORKER, **kwargs)
 

@@ -9,6 +9,11 @@ triton) first. The interpreter cases therefore run in one child process
 (this file run as a script with ``--interpret``, the variable set in its
 environment), which prints one JSON result per case; the tests read those.
 
+Cases with ``prefix_lens`` also give each sequence a prefix of keys in a
+paged KV cache (vLLM's layout, ``[pages, kv_heads, page_size, 2 * head_dim]``,
+optionally a strided view of a page-major buffer as on the GPU), on pages in
+shuffled order, every slot no sequence owns NaN-poisoned.
+
 Cases with ``kv_lens`` give keys their own layout (``kv_batch``), as in the
 KV-cached denoising modes: q rows packed by ``lens``, k/v rows of sequence i
 ``kv_lens[i]`` long, packed in order or (``kv_shuffled``) in reverse order
@@ -33,6 +38,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from vllm_omni.kernels.paged_kv import PagedPrefix, slots_of, write_pages
 from vllm_omni.kernels.reference import SequenceBatch, bidirectional_attention_reference
 
 ON_CUDA = torch.cuda.is_available()
@@ -41,14 +47,20 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _case(name, lens, heads, kv_heads, head_dim, dtype, packed=False,
-          kv_lens=None, kv_shuffled=False, explicit_kv=False):
+          kv_lens=None, kv_shuffled=False, explicit_kv=False,
+          prefix_lens=None, page_size=16, token_major_pages=False):
     """packed: q, k, v are strided views (of one qkv tensor when kv_lens is
     None, else q of a wider tensor and k, v of one kv tensor). explicit_kv:
-    also check that kv_batch=batch gives the kv_batch=None output bit for bit."""
+    also check that kv_batch=batch gives the kv_batch=None output bit for bit.
+    prefix_lens: paged prefix keys per sequence (pages of page_size rows;
+    token_major_pages: the cache is a head/token-transposed view)."""
     assert kv_lens is None or len(kv_lens) == len(lens)
+    assert prefix_lens is None or (kv_lens is not None and len(prefix_lens) == len(lens))
     return dict(name=name, lens=lens, heads=heads, kv_heads=kv_heads,
                 head_dim=head_dim, dtype=dtype, packed=packed, kv_lens=kv_lens,
-                kv_shuffled=kv_shuffled, explicit_kv=explicit_kv)
+                kv_shuffled=kv_shuffled, explicit_kv=explicit_kv,
+                prefix_lens=prefix_lens, page_size=page_size,
+                token_major_pages=token_major_pages)
 
 
 # Small enough for the interpreter (the whole file takes seconds on CPU).
@@ -76,6 +88,15 @@ SMALL = [
     _case("kv-more-queries-than-keys-fp32-d64", [70, 3], 2, 1, 64, "fp32", True, kv_lens=[9, 1]),
     _case("kv-block32-bf16-d128", [32, 32, 32], 2, 1, 128, "bf16", True,
           kv_lens=[384, 200, 97], kv_shuffled=True),
+    # Paged prefix keys: partial last pages, page-aligned, none, prefix only.
+    _case("paged-3seq-fp32-d64", [8, 1, 33], 2, 2, 64, "fp32", True,
+          kv_lens=[8, 1, 33], prefix_lens=[40, 17, 0]),
+    _case("paged-prefix-only-gqa4-fp16-d64", [32, 5], 4, 1, 64, "fp16",
+          kv_lens=[0, 3], kv_shuffled=True, prefix_lens=[64, 1]),
+    _case("paged-token-major-bf16-d128", [32, 32], 2, 1, 128, "bf16", True,
+          kv_lens=[32, 300], prefix_lens=[128, 95], page_size=32, token_major_pages=True),
+    _case("paged-1-token-fp32-d128", [1], 2, 2, 128, "fp32",
+          kv_lens=[1], prefix_lens=[383], token_major_pages=True),
 ]
 LARGE = [
     _case("gpu-8x300-600-bf16-d128", [300, 412, 517, 600, 333, 450, 599, 301], 32, 32, 128, "bf16"),
@@ -89,6 +110,11 @@ LARGE = [
           kv_lens=[384, 400, 256, 512] * 4, kv_shuffled=True),
     _case("gpu-kv-fp16-d64-mixed", [1, 0, 64, 65, 200, 32], 16, 4, 64, "fp16", True,
           kv_lens=[300, 5, 64, 1000, 200, 384]),
+    _case("gpu-paged-dual-bf16-d128", [32] * 16, 32, 8, 128, "bf16", True,
+          kv_lens=[32, 256, 100, 32] * 4, prefix_lens=[128, 129, 300, 1] * 4,
+          token_major_pages=True),
+    _case("gpu-paged-prefix-fp32-d64", [1, 300, 65, 0], 8, 2, 64, "fp32", True,
+          kv_lens=[1, 300, 65, 0], prefix_lens=[17, 512, 0, 40]),
 ]
 CASES = SMALL + (LARGE if ON_CUDA else [])
 
@@ -110,6 +136,30 @@ def _batches(case):
 
 def _kv_rows(kv_batch):
     return max(s + n for s, n in zip(kv_batch.starts, kv_batch.lens)) + 2
+
+
+def _prefix(case, device):
+    """The case's paged prefix (or None): each sequence's pages in shuffled
+    order, every slot no sequence owns NaN."""
+    if case["prefix_lens"] is None:
+        return None
+    gen = torch.Generator().manual_seed(zlib.crc32(case["name"].encode()) + 1)
+    page, kh, d = case["page_size"], case["kv_heads"], case["head_dim"]
+    need = [-(-n // page) for n in case["prefix_lens"]]
+    num_pages = sum(need) + 2
+    order = torch.randperm(num_pages, generator=gen).tolist()
+    if case["token_major_pages"]:  # physical [pages, page_size, heads, 2d], as on the GPU
+        cache = torch.full((num_pages, page, kh, 2 * d), float("nan")).transpose(1, 2)
+    else:
+        cache = torch.full((num_pages, kh, page, 2 * d), float("nan"))
+    table = torch.full((len(need), max(need + [1])), -1, dtype=torch.int32)
+    for i, n in enumerate(case["prefix_lens"]):
+        pages = [order.pop() for _ in range(need[i])]
+        table[i, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
+        for p in range(n):
+            cache[pages[p // page], :, p % page] = torch.randn(kh, 2 * d, generator=gen)
+    dtype = DTYPES[case["dtype"]]
+    return PagedPrefix(cache.to(device, dtype), table.to(device), tuple(case["prefix_lens"]))
 
 
 def _inputs(case, device):
@@ -155,19 +205,21 @@ def run_case(case, device):
 
     q, k, v = _inputs(case, device)
     batch, kv_batch = _batches(case)
+    prefix = _prefix(case, device)
     tokens, h, d = q.shape
     scale = d**-0.5
     # Output goes into a NaN-poisoned strided window of a larger buffer, so
     # unwritten rows and writes outside the window are both caught.
     buf = torch.full((tokens + 2, h, d + 16), float("nan"), dtype=q.dtype, device=device)
     out = buf[1 : tokens + 1, :, :d]
-    ret = bidirectional_attention_triton(q, k, v, batch, scale, kv_batch, out=out)
+    ret = bidirectional_attention_triton(q, k, v, batch, scale, kv_batch, out=out, prefix=prefix)
     assert ret.data_ptr() == out.data_ptr()
     written = torch.zeros(buf.shape, dtype=torch.bool, device=device)
     written[1 : tokens + 1, :, :d] = True
     # Sequences of length 0 own no rows; every row here belongs to one.
+    ref_prefix = prefix and PagedPrefix(prefix.kv_cache.double(), prefix.block_table, prefix.lens)
     ref = bidirectional_attention_reference(q.double(), k.double(), v.double(), batch, scale,
-                                            kv_batch)
+                                            kv_batch, ref_prefix)
     err = (out.double() - ref).abs().max().item() / ref.abs().max().item()
     res = dict(
         rel_err=err,
@@ -330,6 +382,72 @@ def _check_validation(msgs):
     assert "k/v rows" in msgs[2] and "q's rows" in msgs[3]
 
 
+@pytest.mark.parametrize("token_major", [False, True])
+def test_write_pages_then_gather_round_trip(token_major):
+    """Rows written at a request's slots come back, in position order, through
+    its block table; other pages stay untouched."""
+    page, kh, d, length = 16, 2, 8, 37
+    shape = (6, page, kh, 2 * d) if token_major else (6, kh, page, 2 * d)
+    cache = torch.full(shape, float("nan"))
+    if token_major:
+        cache = cache.transpose(1, 2)
+    pages = [4, 1, 3]  # positions 0-15, 16-31, 32-36
+    k, v = torch.randn(length, kh, d), torch.randn(length, kh, d)
+    write_pages(cache, slots_of(pages, page, length), k, v)
+    table = torch.tensor([pages], dtype=torch.int32)
+    gk, gv = PagedPrefix(cache, table, (length,)).gather(0)
+    assert torch.equal(gk, k) and torch.equal(gv, v)
+    assert cache[[0, 2, 5]].isnan().all()
+    assert cache[3, :, length - 32 :].isnan().all()  # the last page's unused rows
+
+
+def test_reference_paged_prefix_equals_contiguous_keys():
+    """A paged prefix gives what the same keys placed before the local keys do."""
+    case = next(c for c in SMALL if c["name"] == "paged-3seq-fp32-d64")
+    q, k, v = (t.double() for t in _inputs(case, "cpu"))
+    batch, kv_batch = _batches(case)
+    prefix = _prefix(case, "cpu")
+    prefix = PagedPrefix(prefix.kv_cache.double(), prefix.block_table, prefix.lens)
+    keys, values, lens = [], [], []
+    for i, (s, n) in enumerate(zip(kv_batch.starts, kv_batch.lens)):
+        pk, pv = prefix.gather(i)
+        keys += [pk, k[s : s + n]]
+        values += [pv, v[s : s + n]]
+        lens.append(prefix.lens[i] + n)
+    joined = SequenceBatch.from_lengths(lens)
+    want = _naive_attention(q, torch.cat(keys), torch.cat(values), batch, 0.3, joined)
+    got = bidirectional_attention_reference(q, k, v, batch, 0.3, kv_batch, prefix)
+    torch.testing.assert_close(got, want)
+
+
+def _prebuilt_tiles(device):
+    """A CUDA graph's launch: tile rows built ahead (``tile_rows``) plus
+    no-query padding rows, through ``paged_attention_with_tiles``; returns the
+    largest difference from the ordinary launch on the real rows."""
+    from vllm_omni.kernels.triton_attention import (
+        bidirectional_attention_triton, block_m_of, paged_attention_with_tiles, tile_rows)
+
+    case = next(c for c in SMALL if c["name"] == "paged-3seq-fp32-d64")
+    q, k, v = _inputs(case, device)
+    batch, kv_batch = _batches(case)
+    prefix = _prefix(case, device)
+    want = bidirectional_attention_triton(q, k, v, batch, 0.125, kv_batch, prefix=prefix)
+    rows = tile_rows(batch, kv_batch, prefix.lens, block_m_of(q.shape[2], q.dtype))
+    tiles = torch.tensor(rows + [(0,) * 7] * 3, dtype=torch.int32, device=device)
+    got = paged_attention_with_tiles(q, k, v, tiles, 0.125, prefix.kv_cache, prefix.block_table)
+    return (got - want).abs().max().item()
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="checked interpreted otherwise")
+def test_prebuilt_tiles_with_padding_match_cuda():
+    assert _prebuilt_tiles("cuda") == 0.0
+
+
+@pytest.mark.skipif(ON_CUDA, reason="checked natively")
+def test_prebuilt_tiles_with_padding_match_interpreted(request):
+    assert request.getfixturevalue("interpreted")["prebuilt-tiles"] == 0.0
+
+
 def _patch_interpreter_bf16():
     import numpy as np
     import triton.language as tl
@@ -368,4 +486,5 @@ if __name__ == "__main__" and sys.argv[1:] == ["--interpret"]:
         except Exception as e:  # reported per case by the parent
             results[c["name"]] = {"error": f"{type(e).__name__}: {e}"}
     results["kv-validation"] = _kernel_validation("cpu")
+    results["prebuilt-tiles"] = _prebuilt_tiles("cpu")
     print(json.dumps(results))

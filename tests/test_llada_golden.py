@@ -2,6 +2,7 @@
 outputs on the tiny checkpoint (../shared/golden/llada_cases.json)."""
 
 import pytest
+import torch
 from vllm import SamplingParams
 
 from conftest import golden_cases
@@ -65,6 +66,31 @@ def test_cache_modes_mixed_with_exact_in_one_batch(llada_llm, ignore_eos):
     got = generate(llada_llm, cases, ignore_eos)
     for case, tokens in zip(cases, got):
         assert tokens == expected(case, ignore_eos), case["name"]
+
+
+def test_identical_prompts_never_share_cached_keys(llada_llm):
+    """The cached modes write each canvas' prefix keys into its KV pages; the
+    keys depend on the whole canvas, so requests with the same prompt must not
+    share pages: prefix caching is off and every copy decodes exactly."""
+    assert not llada_llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
+    cases = [c for c in all_cases() if c["mode"] != "exact"] * 3
+    for case, tokens in zip(cases, generate(llada_llm, cases, True)):
+        assert tokens == expected(case, True), case["name"]
+
+
+def test_dual_cache_steps_replay_cuda_graphs_on_cuda(llada_llm):
+    """On CUDA the dual cache's block-only steps replay captured graphs (the
+    golden cases above pass through them); elsewhere nothing is captured."""
+    llada_llm.collective_rpc("diffusion_step_stats", kwargs={"reset": True})
+    cases = [c for c in all_cases() if c["mode"] == "dual_cache"]
+    for case, tokens in zip(cases, generate(llada_llm, cases, True)):
+        assert tokens == expected(case, True), case["name"]
+    stats = llada_llm.collective_rpc("diffusion_step_stats")[0]
+    assert stats["steps"] > 0
+    if torch.cuda.is_available():
+        assert stats["graph_steps"] > 0, stats
+    else:
+        assert stats["graph_steps"] == 0, stats
 
 
 def test_cache_cases_one_at_a_time(llada_llm):

@@ -21,7 +21,7 @@ def _denoise_logits(model, input_ids):
     # denoise_logits reads row r from position r - logit_shift.
     rows = torch.arange(model.logit_shift, n, device=ids.device)
     with torch.inference_mode():
-        plan = AttentionPlan([SequencePlan(n, 0, n)])
+        plan = AttentionPlan([SequencePlan(n, 0, n)], model.kv_cache_page_size(), ids.device)
         return model.denoise_logits(ids, positions, plan, rows).cpu()
 
 

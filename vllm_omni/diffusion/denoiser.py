@@ -7,33 +7,41 @@ decided.
 
 Cache modes (Fast-dLLM, NVlabs/Fast-dLLM ``llada/generate.py``):
 - ``none``: every step runs the whole canvas.
-- ``prefix``: the block's first step runs the whole canvas and keeps its keys;
-  later steps run the block and everything after it, over the kept keys of
-  the positions before the block.
-- ``dual``: as ``prefix``, but later steps run only the block, over the kept
-  keys before and after it.
-The kept keys live in the job, so they last one block (one engine step) and
-are gone when the step returns.
+- ``prefix``: the block's first step runs the whole canvas and writes the keys
+  of the positions before the block into the request's pages of vLLM's KV
+  cache (those positions are tokens vLLM scheduled, so their pages are
+  allocated); later steps run the block and everything after it, reading the
+  prefix keys from the pages.
+- ``dual``: as ``prefix``, but later steps run only the block; the keys after
+  the block (masks: vLLM has no pages for them) stay in the runner's key
+  arena (``models/attention_plan.py``) for the block's steps.
+On CUDA the dual cache's block-only steps replay CUDA graphs (``cuda_graphs.py``).
+Prefix keys depend on the whole canvas (attention is bidirectional), so they
+are rewritten at every block and mean nothing to another request: the engine
+config turns vLLM's prefix caching off. Nothing outlives the engine step, so
+a finished, aborted or preempted request leaves nothing behind.
 
 Memory: requests are decoded in groups whose canvases add up to at most the
 engine's token budget (``max_num_batched_tokens``, what vLLM profiled a
 forward at), so a forward never packs more tokens than that (unless one canvas
-alone is longer), and the kept keys never exceed that many tokens' worth,
-the amount the runner reserves while vLLM profiles memory.
+alone is longer), and the arena, one row per canvas position of a group,
+is sized to the budget (or one canvas) and allocated while vLLM profiles
+memory, so the KV cache is sized around it.
 
 Under tensor parallelism every rank runs this loop on the same (all-gathered)
 logits; after each step the first rank's blocks are broadcast so no rank can
 commit a different position or token.
 """
 
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
 
 import torch
 from vllm.distributed import get_tensor_model_parallel_world_size, get_tp_group
 
 from vllm_omni.diffusion.algorithms import ALGORITHMS
 from vllm_omni.diffusion.params import DiffusionParams
-from vllm_omni.models.attention_plan import AttentionPlan, LayerKV, SequencePlan
+from vllm_omni.models.attention_plan import AttentionPlan, KeyArena, SequencePlan
 
 
 @dataclass
@@ -47,7 +55,8 @@ class BlockJob:
     params: DiffusionParams
     generator: torch.Generator | None = None
     step: int = 0  # denoising steps taken on this block
-    cache: LayerKV | None = None  # keys from this block's first step
+    pages: list[int] | None = None  # the request's KV-cache pages (prefix/dual caches)
+    arena_start: int = 0  # its rows in the key arena (dual cache), set per group
 
     @property
     def block_end(self) -> int:
@@ -58,25 +67,59 @@ class BlockJob:
         return self.canvas[self.block_start : self.block_end]
 
     def plan(self, logit_shift: int) -> SequencePlan:
-        """Which positions this step runs. A family whose logits are shifted
-        also runs the position before the block (its output predicts the
-        block's first token)."""
+        """Which positions this step runs and which keys it reads or keeps.
+        A family whose logits are shifted also runs the position before the
+        block (its output predicts the block's first token)."""
         length = len(self.canvas)
         mode = self.params.cache
-        if mode == "none" or self.step == 0:
-            return SequencePlan(length, 0, length, record=mode != "none")
-        q_start = self.block_start - logit_shift
+        if mode == "none":
+            return SequencePlan(length, 0, length, arena_start=self.arena_start)
+        reused = self.block_start - logit_shift  # the prefix later steps read from pages
+        dual_keys = length if mode == "dual" else None  # the arena keeps the suffix
+        if self.step == 0:  # the block's refresh: the whole canvas
+            return SequencePlan(length, 0, length, self.pages, write_prefix=reused,
+                                keys_end=dual_keys, arena_start=self.arena_start)
         q_end = length if mode == "prefix" else self.block_end
-        return SequencePlan(length, q_start, q_end, cache=self.cache)
+        return SequencePlan(length, reused, q_end, self.pages, prefix_len=reused,
+                            keys_end=dual_keys, arena_start=self.arena_start)
+
+
+@dataclass
+class StepStats:
+    """Where the denoising loop's time goes. A step is one batched forward
+    plus the commit of every job in it. ``host_s``: from a step's start until
+    its last kernel is queued (Python, vLLM's layers, kernel launches), i.e.
+    the host-side cost; ``wall_s``: until its result is on the host. host_s
+    close to wall_s means the GPU waits on the host."""
+
+    steps: int = 0
+    graph_steps: int = 0  # steps replayed from a CUDA graph
+    forward_tokens: int = 0
+    host_s: float = 0.0
+    wall_s: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
 class Denoiser:
-    def __init__(self, model, device: torch.device, token_budget: int):
+    def __init__(self, model, device: torch.device, token_budget: int, max_model_len: int,
+                 max_num_seqs: int = 1, cuda_graphs: bool = False):
+        self.stats = StepStats()
         self.model = model
         self.device = device
         self.token_budget = token_budget
+        # A group's canvases fit the token budget, or it is one canvas, at
+        # most 2 * max_model_len long (max_tokens rounded up to whole blocks).
+        self.arena_rows = max(token_budget, 2 * max_model_len)
+        self.arena: KeyArena | None = None
         self.mask_token_id = model.mask_token_id
         self.tp_size = get_tensor_model_parallel_world_size()
+        self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+        # Graphs of the dual cache's block-only steps (``cuda_graphs.py``).
+        self.use_graphs = cuda_graphs and device.type == "cuda" and self.tp_size == 1
+        self.graphs = None  # a DualStepGraphs, built on first need
 
     def make_job(
         self,
@@ -85,16 +128,36 @@ class Denoiser:
         output_ids: list[int],
         params: DiffusionParams,
         generator: torch.Generator | None = None,
+        pages: list[int] | None = None,
     ) -> BlockJob:
         """The job for a request's next block, rebuilt from the tokens vLLM
-        holds for it (so a preempted request resumes where it was)."""
+        holds for it (so a preempted request resumes where it was). ``pages``:
+        the KV-cache pages vLLM allocated for those tokens, needed by the
+        prefix and dual caches."""
         num_masks = params.canvas_length - len(output_ids)
         canvas = torch.tensor(
             prompt_ids + output_ids + [self.mask_token_id] * num_masks,
             dtype=torch.long,
             device=self.device,
         )
-        return BlockJob(req_id, canvas, len(prompt_ids) + len(output_ids), params, generator)
+        block_start = len(prompt_ids) + len(output_ids)
+        if params.cache != "none" and len(pages or ()) * self.page_size() < block_start:
+            raise RuntimeError(f"request {req_id}: KV pages do not cover its {block_start} tokens")
+        return BlockJob(req_id, canvas, block_start, params, generator, pages=pages)
+
+    def page_size(self) -> int:
+        """Rows per page of vLLM's KV cache (known once it is allocated)."""
+        return self.model.kv_cache_page_size()
+
+    def allocate_arena(self) -> KeyArena:
+        """The key arena, allocated on first need (the runner calls this
+        while vLLM profiles memory, so the KV cache is sized around it)."""
+        if self.arena is None:
+            attn = self.model.model.layers[0].self_attn
+            self.arena = KeyArena(len(self.model.model.layers), self.arena_rows,
+                                  attn.num_kv_heads, attn.head_dim,
+                                  self.model.lm_head.weight.dtype, self.device)
+        return self.arena
 
     def run(self, jobs: list[BlockJob]) -> dict[str, list[int]]:
         """Denoise every job's block to completion; return the blocks."""
@@ -118,8 +181,13 @@ class Denoiser:
         return out
 
     def _decode(self, jobs: list[BlockJob]) -> None:
+        offset = 0
+        for job in jobs:  # position p of a job's canvas: arena row arena_start + p
+            job.arena_start = offset
+            offset += len(job.canvas)
         active = list(jobs)
         while active:
+            start = time.perf_counter()
             logits = self._forward(active)
             offset = 0
             for job in active:
@@ -130,27 +198,46 @@ class Denoiser:
                 self._agree(active)
             # One device sync for the whole batch, not one per request.
             unfinished = torch.stack([(j.block == self.mask_token_id).any() for j in active])
+            issued = time.perf_counter()
             active = [j for j, more in zip(active, unfinished.tolist()) if more]
-        for job in jobs:
-            job.cache = None
+            self.stats.steps += 1
+            self.stats.host_s += issued - start
+            self.stats.wall_s += time.perf_counter() - start
 
     def _forward(self, jobs: list[BlockJob]) -> torch.Tensor:
         """One forward over every job's planned positions, packed; logits
         for the rows of each job's current block."""
         shift = self.model.logit_shift
-        plan = AttentionPlan([job.plan(shift) for job in jobs])
-        input_ids = torch.cat([j.canvas[s.q_start : s.q_end] for j, s in zip(jobs, plan.seqs)])
+        seqs = [job.plan(shift) for job in jobs]
+        input_ids = torch.cat([j.canvas[s.q_start : s.q_end] for j, s in zip(jobs, seqs)])
+        positions = torch.cat([torch.arange(s.q_start, s.q_end) for s in seqs]).to(self.device)
+        self.stats.forward_tokens += len(input_ids)
+        graphs = self._graphs_for(jobs, seqs)
+        if graphs is not None:
+            self.stats.graph_steps += 1
+            return graphs.run(seqs, input_ids, positions, jobs[0].params.block_length)
+        arena = self.allocate_arena() if any(s.keys_end for s in seqs) else None
+        plan = AttentionPlan(seqs, self.page_size(), self.device, arena)
         rows = torch.cat(
             [
                 torch.arange(job.block_start, job.block_end) - seq.q_start + start
-                for job, seq, start in zip(jobs, plan.seqs, plan.queries.starts)
+                for job, seq, start in zip(jobs, seqs, plan.queries.starts)
             ]
         ).to(self.device)
-        logits = self.model.denoise_logits(input_ids, plan.positions(self.device), plan, rows)
-        for job, seq, recorded in zip(jobs, plan.seqs, plan.recorded):
-            if seq.record:
-                job.cache = recorded
-        return logits
+        return self.model.denoise_logits(input_ids, positions, plan, rows)
+
+    def _graphs_for(self, jobs: list[BlockJob], seqs):
+        """The graphs, if this forward is a dual-cache block-only step of
+        every job, with one block length, that they can run."""
+        if not self.use_graphs or any(j.params.cache != "dual" or j.step == 0 for j in jobs):
+            return None
+        if self.graphs is None:
+            from vllm_omni.diffusion.cuda_graphs import DualStepGraphs  # imports Triton
+
+            max_pages = -(-self.max_model_len // self.page_size()) + 1
+            self.graphs = DualStepGraphs(self.model, self.allocate_arena(), max_pages,
+                                         self.max_num_seqs, self.device)
+        return self.graphs if self.graphs.fits(len(jobs), seqs) else None
 
     @staticmethod
     def _agree(jobs: list[BlockJob]) -> None:

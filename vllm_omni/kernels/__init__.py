@@ -2,7 +2,8 @@
 every query attending to every key of its own sequence (no causal mask).
 ``batch`` lays out the query rows; ``kv_batch`` (default: ``batch``) lays out
 the key/value rows, for KV-cached denoising where a block's queries attend to
-cached prefix/suffix keys plus their own fresh keys.
+a kept suffix plus their own fresh keys; ``prefix`` adds keys read from vLLM's
+paged KV cache (``paged_kv.py``).
 
 ``bidirectional_attention`` runs the Triton kernel in ``triton_attention.py``
 for CUDA tensors and the plain PyTorch reference in ``reference.py``
@@ -10,6 +11,7 @@ otherwise. Triton is imported only on the CUDA path, so CPU-only installs
 without a working Triton still import this package.
 """
 
+from vllm_omni.kernels.paged_kv import PagedPrefix
 from vllm_omni.kernels.reference import (
     SequenceBatch,
     bidirectional_attention_reference,
@@ -19,9 +21,10 @@ __all__ = ["SequenceBatch", "bidirectional_attention"]
 
 
 def bidirectional_attention(q, k, v, batch: SequenceBatch, scale: float,
-                            kv_batch: SequenceBatch | None = None):
+                            kv_batch: SequenceBatch | None = None,
+                            prefix: PagedPrefix | None = None):
     if q.is_cuda:
         from vllm_omni.kernels.triton_attention import bidirectional_attention_triton
 
-        return bidirectional_attention_triton(q, k, v, batch, scale, kv_batch)
-    return bidirectional_attention_reference(q, k, v, batch, scale, kv_batch)
+        return bidirectional_attention_triton(q, k, v, batch, scale, kv_batch, prefix=prefix)
+    return bidirectional_attention_reference(q, k, v, batch, scale, kv_batch, prefix)

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from vllm_omni.kernels.paged_kv import PagedPrefix
+
 
 @dataclass(frozen=True)
 class SequenceBatch:
@@ -22,12 +24,16 @@ class SequenceBatch:
         return cls(tuple(starts), tuple(lens))
 
 
-def check_kv_batch(batch: SequenceBatch, kv_batch: SequenceBatch) -> None:
-    """Both batches list the same sequences; a sequence with queries has keys."""
+def check_kv_batch(
+    batch: SequenceBatch, kv_batch: SequenceBatch, prefix_lens: tuple[int, ...] | None = None
+) -> None:
+    """All list the same sequences; a sequence with queries has keys."""
     if len(kv_batch.lens) != len(batch.lens):
         raise ValueError(f"batch has {len(batch.lens)} sequences, kv_batch {len(kv_batch.lens)}")
+    if prefix_lens is not None and len(prefix_lens) != len(batch.lens):
+        raise ValueError(f"batch has {len(batch.lens)} sequences, prefix {len(prefix_lens)}")
     for i, (nq, nk) in enumerate(zip(batch.lens, kv_batch.lens)):
-        if nq > 0 and nk <= 0:
+        if nq > 0 and nk + (prefix_lens[i] if prefix_lens else 0) <= 0:
             raise ValueError(f"sequence {i} has {nq} queries but no keys")
 
 
@@ -38,21 +44,29 @@ def bidirectional_attention_reference(
     batch: SequenceBatch,
     scale: float,
     kv_batch: SequenceBatch | None = None,
+    prefix: PagedPrefix | None = None,
 ) -> torch.Tensor:
     """Sequence i: q rows ``batch.starts[i]:+batch.lens[i]`` attend to all k/v
     rows ``kv_batch.starts[i]:+kv_batch.lens[i]`` (``kv_batch`` None: the
-    same rows as ``batch``). Output rows of no sequence are left unset."""
+    same rows as ``batch``) and, with a ``prefix``, to its ``prefix.lens[i]``
+    paged keys too. Output rows of no sequence are left unset."""
     if kv_batch is None:
         kv_batch = batch
-    else:
-        check_kv_batch(batch, kv_batch)
+    check_kv_batch(batch, kv_batch, prefix.lens if prefix else None)
     group = q.shape[1] // k.shape[1]
     out = torch.empty_like(q)
-    for start, n, kv_start, kv_n in zip(batch.starts, batch.lens, kv_batch.starts, kv_batch.lens):
+    for i, (start, n, kv_start, kv_n) in enumerate(
+        zip(batch.starts, batch.lens, kv_batch.starts, kv_batch.lens)
+    ):
+        if n == 0:
+            continue
         rows = slice(start, start + n)
-        kv_rows = slice(kv_start, kv_start + kv_n)
+        ki, vi = k[kv_start : kv_start + kv_n], v[kv_start : kv_start + kv_n]
+        if prefix is not None and prefix.lens[i]:
+            pk, pv = prefix.gather(i)
+            ki, vi = torch.cat([pk.to(k.dtype), ki]), torch.cat([pv.to(v.dtype), vi])
         qi = q[rows].transpose(0, 1)
-        ki = k[kv_rows].transpose(0, 1).repeat_interleave(group, dim=0)
-        vi = v[kv_rows].transpose(0, 1).repeat_interleave(group, dim=0)
+        ki = ki.transpose(0, 1).repeat_interleave(group, dim=0)
+        vi = vi.transpose(0, 1).repeat_interleave(group, dim=0)
         out[rows] = F.scaled_dot_product_attention(qi, ki, vi, scale=scale).transpose(0, 1)
     return out

@@ -35,6 +35,15 @@ head_dim must be a power of two in 16..256. Offsets inside one sequence are
 int32: seq_len * token_stride (for q, k, v and out) must stay below 2**31.
 Without a kv_batch the kernel is compiled without the key columns (SEP_KV
 False) and does exactly what it did before they existed.
+
+Paged prefix (``prefix``, a ``PagedPrefix``): sequence i's queries also attend
+to its first ``prefix.lens[i]`` positions' keys and values in vLLM's paged KV
+cache (``[num_pages, num_kv_heads, page_size, 2 * head_dim]``, K then V),
+found through row i of ``prefix.block_table``. The tile rows then also carry
+the prefix length and the sequence's block-table row; a program first walks
+the prefix in BLOCK_N-position blocks (positions may straddle pages: each
+position's page is looked up on its own), then its local keys, one online
+softmax over both. Compiled in only when given (PAGED).
 """
 
 from functools import lru_cache
@@ -43,6 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_omni.kernels.paged_kv import PagedPrefix, check_kv_cache
 from vllm_omni.kernels.reference import SequenceBatch, check_kv_batch
 
 
@@ -54,26 +64,46 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _online_softmax_step(q, k, v, n_mask, m_i, l_i, acc, qk_scale, IEEE: tl.constexpr):
+    """Fold one block of keys ([HEAD_DIM, BLOCK_N]) and values ([BLOCK_N,
+    HEAD_DIM]) into the running max, sum and accumulator."""
+    s = _dot(q, k, None, IEEE) * qk_scale
+    s = tl.where(n_mask[None, :], s, float("-inf"))
+    # Every sequence's first block holds a real key (a tile exists only
+    # where there are keys), so m_new is finite from the first block on.
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _bidir_attn_kernel(
     Q, K, V, O, Tiles, scale,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh,
+    KVC, BlockTable, s_cp, s_ch, s_ct, s_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-    SEP_KV: tl.constexpr,
+    SEP_KV: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
 ):
     tile = tl.program_id(0)
     head = tl.program_id(1)
     kv_head = head // GROUP
-    if SEP_KV:  # rows (q start, q len, tile offset, kv start, kv len)
-        seq_start = tl.load(Tiles + 5 * tile).to(tl.int64)
-        seq_len = tl.load(Tiles + 5 * tile + 1)
-        m_off = tl.load(Tiles + 5 * tile + 2)
-        kv_start = tl.load(Tiles + 5 * tile + 3).to(tl.int64)
-        kv_len = tl.load(Tiles + 5 * tile + 4)
+    if PAGED:  # rows (q start, q len, tile offset, kv start, kv len, prefix len, seq)
+        row = Tiles + 7 * tile
+    elif SEP_KV:  # rows (q start, q len, tile offset, kv start, kv len)
+        row = Tiles + 5 * tile
     else:  # rows (start, len, tile offset): keys share the query rows
-        seq_start = tl.load(Tiles + 3 * tile).to(tl.int64)
-        seq_len = tl.load(Tiles + 3 * tile + 1)
-        m_off = tl.load(Tiles + 3 * tile + 2)
+        row = Tiles + 3 * tile
+    seq_start = tl.load(row).to(tl.int64)
+    seq_len = tl.load(row + 1)
+    m_off = tl.load(row + 2)
+    if SEP_KV:
+        kv_start = tl.load(row + 3).to(tl.int64)
+        kv_len = tl.load(row + 4)
+    else:
         kv_start = seq_start
         kv_len = seq_len
 
@@ -84,31 +114,35 @@ def _bidir_attn_kernel(
 
     q_ptrs = Q + (seq_start + offs_m)[:, None] * s_qt + head * s_qh + offs_d[None, :]
     q = tl.load(q_ptrs, mask=m_mask[:, None], other=0.0)
-    k_base = K + kv_start * s_kt + kv_head * s_kh
-    v_base = V + kv_start * s_vt + kv_head * s_vh
-
     qk_scale = scale * 1.4426950408889634  # log2(e): softmax in base 2
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
+    if PAGED:  # first the sequence's paged prefix: position p at page table[p // PAGE_SIZE]
+        prefix_len = tl.load(row + 5)
+        table = BlockTable + tl.load(row + 6).to(tl.int64) * s_bt
+        c_base = KVC + kv_head * s_ch
+        for n0 in range(0, prefix_len, BLOCK_N):
+            pos = n0 + offs_n
+            n_mask = pos < prefix_len
+            page = tl.load(table + pos // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
+            slot = c_base + page * s_cp + (pos % PAGE_SIZE) * s_ct  # [BLOCK_N] row pointers
+            k = tl.load(slot[None, :] + offs_d[:, None], mask=n_mask[None, :], other=0.0)
+            v = tl.load(slot[:, None] + HEAD_DIM + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+            m_i, l_i, acc = _online_softmax_step(
+                q, k.to(q.dtype), v.to(q.dtype), n_mask, m_i, l_i, acc, qk_scale, IEEE)
+
+    k_base = K + kv_start * s_kt + kv_head * s_kh
+    v_base = V + kv_start * s_vt + kv_head * s_vh
     for n0 in range(0, kv_len, BLOCK_N):
         rows = n0 + offs_n
         n_mask = rows < kv_len
         k = tl.load(k_base + rows[None, :] * s_kt + offs_d[:, None],
                     mask=n_mask[None, :], other=0.0)  # [HEAD_DIM, BLOCK_N]
-        s = _dot(q, k, None, IEEE) * qk_scale
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        # The first block always holds a real key (kv_len > 0 wherever a
-        # tile exists), so m_new is finite.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + rows[:, None] * s_vt + offs_d[None, :],
                     mask=n_mask[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
-        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(q, k, v, n_mask, m_i, l_i, acc, qk_scale, IEEE)
 
     out = acc / l_i[:, None]
     o_ptrs = O + (seq_start + offs_m)[:, None] * s_ot + head * s_oh + offs_d[None, :]
@@ -125,20 +159,37 @@ def _tile_table(batch: SequenceBatch, block_m: int, device: torch.device) -> tor
     return torch.tensor(rows, dtype=torch.int32).reshape(-1, 3).to(device)
 
 
+def tile_rows(
+    batch: SequenceBatch, kv_batch: SequenceBatch, prefix_lens: tuple[int, ...] | None,
+    block_m: int,
+) -> list[tuple[int, ...]]:
+    """The kernel's tile rows with key columns (and with prefix lengths:
+    prefix columns), one per BLOCK_M queries of each sequence."""
+    rows = []
+    for i, (start, n, kv_start, kv_n) in enumerate(
+        zip(batch.starts, batch.lens, kv_batch.starts, kv_batch.lens)
+    ):
+        extra = () if prefix_lens is None else (prefix_lens[i], i)
+        rows += [(start, n, off, kv_start, kv_n, *extra) for off in range(0, n, block_m)]
+    return rows
+
+
 @lru_cache(maxsize=256)
 def _kv_tile_table(
-    batch: SequenceBatch, kv_batch: SequenceBatch, block_m: int, device: torch.device
+    batch: SequenceBatch, kv_batch: SequenceBatch, prefix_lens: tuple[int, ...] | None,
+    block_m: int, device: torch.device,
 ) -> tuple[torch.Tensor, int]:
     """Tiles with key columns, and the number of k/v rows the layout needs."""
-    check_kv_batch(batch, kv_batch)
-    rows = [
-        (start, n, off, kv_start, kv_n)
-        for start, n, kv_start, kv_n in zip(batch.starts, batch.lens,
-                                            kv_batch.starts, kv_batch.lens)
-        for off in range(0, n, block_m)
-    ]
+    check_kv_batch(batch, kv_batch, prefix_lens)
+    rows = tile_rows(batch, kv_batch, prefix_lens, block_m)
     kv_end = max((s + n for s, n in zip(kv_batch.starts, kv_batch.lens)), default=0)
-    return torch.tensor(rows, dtype=torch.int32).reshape(-1, 5).to(device), kv_end
+    width = 5 if prefix_lens is None else 7
+    return torch.tensor(rows, dtype=torch.int32).reshape(-1, width).to(device), kv_end
+
+
+def block_m_of(head_dim: int, dtype: torch.dtype) -> int:
+    """Queries per tile, for building tile rows ahead of a launch."""
+    return _config(head_dim, dtype)[0]
 
 
 def _config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
@@ -156,6 +207,7 @@ def bidirectional_attention_triton(
     scale: float,
     kv_batch: SequenceBatch | None = None,
     out: torch.Tensor | None = None,
+    prefix: PagedPrefix | None = None,
 ) -> torch.Tensor:
     tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
@@ -170,21 +222,52 @@ def bidirectional_attention_triton(
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     assert out.shape == q.shape and out.stride(-1) == 1
-    block_m, block_n, num_warps, num_stages = _config(head_dim, q.dtype)
+    block_m = block_m_of(head_dim, q.dtype)
+    if prefix is not None and kv_batch is None:
+        kv_batch = batch
     if kv_batch is None:
         tiles = _tile_table(batch, block_m, q.device)
     else:
-        tiles, kv_end = _kv_tile_table(batch, kv_batch, block_m, q.device)
+        tiles, kv_end = _kv_tile_table(
+            batch, kv_batch, prefix.lens if prefix else None, block_m, q.device)
         assert k.shape[0] >= kv_end, f"kv_batch needs {kv_end} k/v rows, got {k.shape[0]}"
     if tiles.shape[0] == 0:
         return out
+    if prefix is None:
+        return _launch(q, k, v, out, tiles, scale, kv_batch is not None)
+    return _launch(q, k, v, out, tiles, scale, True, prefix.kv_cache, prefix.block_table)
+
+
+def paged_attention_with_tiles(q, k, v, tiles, scale, kv_cache, block_table) -> torch.Tensor:
+    """The paged variant on a prebuilt tile table (7 columns, from
+    ``tile_rows``; tiles with no queries do nothing), with no host-side work
+    that depends on the data: what a CUDA graph captures."""
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    return _launch(q, k, v, out, tiles, scale, True, kv_cache, block_table)
+
+
+def _launch(q, k, v, out, tiles, scale, sep_kv, kv_cache=None, block_table=None):
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k.shape[1]
+    block_m, block_n, num_warps, num_stages = _config(head_dim, q.dtype)
+    if kv_cache is None:  # unused pointer arguments: the kernel is compiled without them
+        cache, table, cache_strides, page_size = q, tiles, (0, 0, 0, 0), 1
+    else:
+        cache, table = kv_cache, block_table
+        check_kv_cache(cache, num_kv_heads, head_dim)
+        assert cache.stride(-1) == 1, "kv_cache's last dim must be contiguous"
+        assert table.dtype == torch.int32 and table.is_contiguous(), "block_table: contiguous int32"
+        cache_strides = (cache.stride(0), cache.stride(1), cache.stride(2), table.stride(0))
+        page_size = cache.shape[2]
     _bidir_attn_kernel[(tiles.shape[0], num_heads)](
         q, k, v, out, tiles, float(scale),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        cache, table, *cache_strides,
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_M=block_m, BLOCK_N=block_n,
-        IEEE=q.dtype == torch.float32, SEP_KV=kv_batch is not None,
+        IEEE=q.dtype == torch.float32, SEP_KV=sep_kv,
+        PAGED=kv_cache is not None, PAGE_SIZE=page_size,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

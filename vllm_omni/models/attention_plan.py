@@ -1,13 +1,23 @@
 """What one denoising forward attends to, sequence by sequence.
 
 Each sequence (a request's canvas) runs queries for canvas positions
-``[q_start, q_end)``. Its keys are always the whole canvas: the fresh keys of
-those positions, and for the positions outside them the keys cached at the
-last refresh (Fast-dLLM's prefix and dual caches). A forward over the whole
-canvas can record its keys as the new cache.
+``[q_start, q_end)`` and attends to the keys of the whole canvas:
+- ``[0, prefix_len)``: read from vLLM's paged KV cache through the request's
+  pages (Fast-dLLM's prefix cache, written by the block's refresh forward,
+  ``write_prefix``);
+- ``[q_start, q_end)``: the fresh keys of this forward;
+- ``[q_end, keys_end)``: (dual cache) keys of the positions after the block,
+  kept from the refresh forward in the ``KeyArena``.
+
+The arena holds keys by position: position p of a sequence sits at arena row
+``arena_start + p``. A forward that has any dual-cache sequence writes every
+sequence's fresh keys there and reads local keys from it, so a dual refresh
+(queries over the whole canvas) leaves the suffix in place for the block's
+later steps, and a later step's fresh block lands right before that suffix.
+Forwards without dual-cache sequences read the fresh keys as they are.
 
 The plan is built by the denoiser and handed down through the model; each
-attention layer calls ``attend`` with its index.
+attention layer calls ``attend`` with its index and its KV cache tensor.
 """
 
 from dataclasses import dataclass
@@ -15,9 +25,20 @@ from dataclasses import dataclass
 import torch
 
 from vllm_omni.kernels import SequenceBatch, bidirectional_attention
+from vllm_omni.kernels.paged_kv import PagedPrefix, slots_of, write_pages
 
-# Per layer: (keys, values), each [canvas_length, num_kv_heads, head_dim].
-LayerKV = list[tuple[torch.Tensor, torch.Tensor]]
+
+class KeyArena:
+    """Per layer keys and values of ``rows`` canvas positions (plus one spare
+    row that padded writes may target), owned by the runner: the dual cache's
+    suffix keys live here between a block's steps."""
+
+    def __init__(self, num_layers, rows, num_kv_heads, head_dim, dtype, device):
+        shape = (num_layers, rows + 1, num_kv_heads, head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.rows = rows
+        self.spare_row = rows
 
 
 @dataclass
@@ -25,40 +46,60 @@ class SequencePlan:
     length: int  # the canvas length
     q_start: int
     q_end: int
-    cache: LayerKV | None = None  # keys of the positions outside the queries
-    record: bool = False  # keep this forward's keys (queries cover the canvas)
+    pages: list[int] | None = None  # the request's KV-cache pages, in position order
+    prefix_len: int = 0  # read keys of [0, prefix_len) from the pages (== q_start)
+    write_prefix: int = 0  # write this forward's keys of [0, write_prefix) to the pages
+    keys_end: int | None = None  # local keys run to here (None: q_end); > q_end: dual cache
+    arena_start: int = 0  # the arena row of position 0
 
 
 class AttentionPlan:
-    def __init__(self, seqs: list[SequencePlan]):
+    def __init__(self, seqs: list[SequencePlan], page_size: int, device: torch.device,
+                 arena: KeyArena | None = None):
         self.seqs = seqs
         self.queries = SequenceBatch.from_lengths([s.q_end - s.q_start for s in seqs])
-        self.uses_cache = any(s.cache is not None for s in seqs)
-        self.keys = (
-            SequenceBatch.from_lengths([s.length for s in seqs]) if self.uses_cache else None
-        )
-        self.recorded: list[LayerKV] = [[] for _ in seqs]
 
-    def positions(self, device) -> torch.Tensor:
-        return torch.cat([torch.arange(s.q_start, s.q_end) for s in self.seqs]).to(device)
+        # Rows this forward writes to the paged cache, and their slots.
+        rows, slots = [], []
+        for s, start in zip(seqs, self.queries.starts):
+            if s.write_prefix:
+                rows.append(torch.arange(start, start + s.write_prefix))
+                slots.append(slots_of(s.pages, page_size, s.write_prefix))
+        self.write_rows = torch.cat(rows).to(device) if rows else None
+        self.write_slots = torch.cat(slots).to(device) if slots else None
 
-    def attend(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
-        for i, seq in enumerate(self.seqs):
-            if seq.record:
-                rows = slice(self.queries.starts[i], self.queries.starts[i] + self.queries.lens[i])
-                self.recorded[i].append((k[rows].clone(), v[rows].clone()))
-        if not self.uses_cache:
-            return bidirectional_attention(q, k, v, self.queries, scale)
-        keys, values = [], []
-        for i, seq in enumerate(self.seqs):
-            rows = slice(self.queries.starts[i], self.queries.starts[i] + self.queries.lens[i])
-            if seq.cache is None:
-                keys.append(k[rows])
-                values.append(v[rows])
-                continue
-            ck, cv = seq.cache[layer]
-            keys += [ck[: seq.q_start], k[rows], ck[seq.q_end :]]
-            values += [cv[: seq.q_start], v[rows], cv[seq.q_end :]]
-        return bidirectional_attention(
-            q, torch.cat(keys), torch.cat(values), self.queries, scale, self.keys
-        )
+        # Paged prefixes to read.
+        self.prefix_lens = tuple(s.prefix_len for s in seqs)
+        self.block_table = None
+        if any(self.prefix_lens):
+            width = max(len(s.pages or ()) for s in seqs)
+            table = [list(s.pages or ()) + [0] * (width - len(s.pages or ())) for s in seqs]
+            self.block_table = torch.tensor(table, dtype=torch.int32).to(device)
+
+        # Local keys: in the arena when any sequence uses the dual cache.
+        self.arena = None
+        if any(s.keys_end is not None for s in seqs):
+            self.arena = arena
+            self.fresh_rows = torch.cat(
+                [torch.arange(s.arena_start + s.q_start, s.arena_start + s.q_end) for s in seqs]
+            ).to(device)
+            self.local_keys = SequenceBatch(
+                tuple(s.arena_start + s.q_start for s in seqs),
+                tuple((s.keys_end or s.q_end) - s.q_start for s in seqs),
+            )
+
+    def attend(self, layer: int, q, k, v, scale: float, kv_cache: torch.Tensor) -> torch.Tensor:
+        if self.write_rows is not None:
+            write_pages(kv_cache, self.write_slots, k[self.write_rows], v[self.write_rows])
+        prefix = None
+        if self.block_table is not None:
+            prefix = PagedPrefix(kv_cache, self.block_table, self.prefix_lens)
+        if self.arena is None:
+            if prefix is None:
+                return bidirectional_attention(q, k, v, self.queries, scale)
+            return bidirectional_attention(q, k, v, self.queries, scale, self.queries, prefix)
+        arena_k, arena_v = self.arena.k[layer], self.arena.v[layer]
+        arena_k.index_copy_(0, self.fresh_rows, k)
+        arena_v.index_copy_(0, self.fresh_rows, v)
+        return bidirectional_attention(q, arena_k, arena_v, self.queries, scale,
+                                       self.local_keys, prefix)

@@ -120,6 +120,7 @@ class DenoiseAttention(nn.Module):
                 k.view(-1, self.num_kv_heads, self.head_dim),
                 v.view(-1, self.num_kv_heads, self.head_dim),
                 self.scale,
+                self.attn.kv_cache,  # bound by vLLM once it allocates the KV cache
             ).reshape(-1, self.q_size)
         out, _ = self.o_proj(out)
         return out
@@ -228,6 +229,11 @@ class DiffusionLM(nn.Module):
         return self.logits_processor(self.lm_head, hidden_states)
 
     # The denoising forward ---------------------------------------------------
+    def kv_cache_page_size(self) -> int:
+        """Rows per page of the KV cache vLLM bound to the attention layers
+        (its layout: ``vllm_omni/kernels/paged_kv.py``)."""
+        return self.model.layers[0].self_attn.attn.kv_cache.shape[2]
+
     def denoise_logits(
         self,
         input_ids: torch.Tensor,

@@ -16,3 +16,6 @@ class DiffusionCPUWorker(CPUWorker):
         super().init_device()
         if not self.use_v2_model_runner:
             self.model_runner = DiffusionCPUModelRunner(self.vllm_config, self.device)
+
+    def diffusion_step_stats(self, reset: bool = False) -> dict:
+        return self.model_runner.diffusion_step_stats(reset)

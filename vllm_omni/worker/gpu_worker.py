@@ -19,3 +19,6 @@ class DiffusionGPUWorker(Worker):
         super().init_device()
         if not self.use_v2_model_runner:
             self.model_runner = DiffusionGPUModelRunner(self.vllm_config, self.device)
+
+    def diffusion_step_stats(self, reset: bool = False) -> dict:
+        return self.model_runner.diffusion_step_stats(reset)

@@ -13,11 +13,11 @@ as input once, which is when the next block is decoded.
 Models that are not diffusion LMs take vLLM's own path untouched.
 """
 
-import torch
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
 from vllm_omni.diffusion.denoiser import Denoiser
 from vllm_omni.diffusion.params import DiffusionParams, resolve_params
+from vllm_omni.engine_config import CUDA_GRAPHS_KEY
 from vllm_omni.models import FAMILIES
 from vllm_omni.models.transformer import DiffusionLM
 
@@ -29,30 +29,26 @@ class DiffusionRunnerMixin:
         super().load_model(*args, **kwargs)
         model = self.get_model()
         if isinstance(model, DiffusionLM):
+            additional = self.vllm_config.additional_config or {}
             self.denoiser = Denoiser(
-                model, self.device, self.scheduler_config.max_num_batched_tokens
+                model,
+                self.device,
+                self.scheduler_config.max_num_batched_tokens,
+                self.model_config.max_model_len,
+                self.scheduler_config.max_num_seqs,
+                cuda_graphs=additional.get(CUDA_GRAPHS_KEY, False),
             )
             self.diffusion_family = FAMILIES[model.__class__.__name__]
-            additional = self.vllm_config.additional_config or {}
             self.diffusion_defaults = additional.get("diffusion", {})
             self.diffusion_params: dict[str, DiffusionParams] = {}
 
     def profile_run(self) -> None:
-        """vLLM sizes its KV cache from the peak memory of this run. Hold the
-        most the denoiser keeps beside it (keys and values of one token
-        budget, for the prefix/dual caches) while vLLM profiles its forward,
-        so that peak includes it."""
-        if self.denoiser is None:
-            return super().profile_run()
-        layers = self.denoiser.model.model.layers
-        per_token = len(layers) * 2 * layers[0].self_attn.kv_size  # this rank's K and V
-        reserve = torch.empty(
-            (self.denoiser.token_budget, per_token), dtype=self.dtype, device=self.device
-        )
-        try:
-            super().profile_run()
-        finally:
-            del reserve
+        """vLLM sizes its KV cache from the peak memory of this run. The
+        denoiser's key arena (dual-cache suffix keys, one token budget) is
+        allocated here, so that peak includes it."""
+        if self.denoiser is not None:
+            self.denoiser.allocate_arena()
+        return super().profile_run()
 
     def execute_model(self, scheduler_output, intermediate_tensors=None):
         if self.denoiser is None:
@@ -79,6 +75,7 @@ class DiffusionRunnerMixin:
                     state.output_token_ids,
                     self._params_of(req_id, state.sampling_params),
                     state.generator,  # vLLM's, for requests with a seed
+                    self._kv_pages(state.block_ids[0]),
                 )
             )
         blocks = self.denoiser.run(jobs)
@@ -93,6 +90,25 @@ class DiffusionRunnerMixin:
             req_id_to_index=dict(self.input_batch.req_id_to_index),
             sampled_token_ids=sampled,
         )
+
+    def diffusion_step_stats(self, reset: bool = False) -> dict:
+        """The denoiser's ``StepStats`` (for benchmarks, via
+        ``LLM.collective_rpc("diffusion_step_stats")``)."""
+        if self.denoiser is None:
+            return {}
+        stats = self.denoiser.stats.as_dict()
+        if reset:
+            self.denoiser.stats = type(self.denoiser.stats)()
+        return stats
+
+    def _kv_pages(self, block_ids: list[int]) -> list[int]:
+        """The KV-cache pages of a request's blocks. The attention kernel's
+        page may be a fraction of the block vLLM's KV-cache manager hands
+        out (vLLM's ``kernel_block_size``): block b is then pages b*r..b*r+r-1."""
+        ratio = self.cache_config.block_size // self.denoiser.page_size()
+        if ratio == 1:
+            return block_ids
+        return [b * ratio + j for b in block_ids for j in range(ratio)]
 
     def _params_of(self, req_id: str, sampling_params) -> DiffusionParams:
         params = self.diffusion_params.get(req_id)
