@@ -177,6 +177,15 @@ def run_engine(kind: str, model: str, args, shape: dict, out_path: str) -> None:
                                forward_tokens=st["forward_tokens"],
                                host_ms_per_forward=round(1e3 * st["host_s"] / st["steps"], 3),
                                wall_ms_per_forward=round(1e3 * st["wall_s"] / st["steps"], 3))
+                    eager = st["steps"] - st["graph_steps"]
+                    # Graphed (block-only) and eager (refresh, exact, prefix) steps apart.
+                    for part, n, host, wall in (
+                            ("graph", st["graph_steps"], st["graph_host_s"], st["graph_wall_s"]),
+                            ("eager", eager, st["host_s"] - st["graph_host_s"],
+                             st["wall_s"] - st["graph_wall_s"])):
+                        if n:
+                            row[f"{part}_host_wall_ms_per_forward"] = [
+                                round(1e3 * host / n, 3), round(1e3 * wall / n, 3)]
             print(row, flush=True)
             with open(out_path, "a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -90,13 +90,25 @@ class StepStats:
     plus the commit of every job in it. ``host_s``: from a step's start until
     its last kernel is queued (Python, vLLM's layers, kernel launches), i.e.
     the host-side cost; ``wall_s``: until its result is on the host. host_s
-    close to wall_s means the GPU waits on the host."""
+    close to wall_s means the GPU waits on the host. The ``graph_`` fields
+    count the subset of steps whose forward replayed a CUDA graph."""
 
     steps: int = 0
-    graph_steps: int = 0  # steps replayed from a CUDA graph
     forward_tokens: int = 0
     host_s: float = 0.0
     wall_s: float = 0.0
+    graph_steps: int = 0
+    graph_host_s: float = 0.0
+    graph_wall_s: float = 0.0
+
+    def record(self, graphed: bool, host_s: float, wall_s: float) -> None:
+        self.steps += 1
+        self.host_s += host_s
+        self.wall_s += wall_s
+        if graphed:
+            self.graph_steps += 1
+            self.graph_host_s += host_s
+            self.graph_wall_s += wall_s
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -188,7 +200,7 @@ class Denoiser:
         active = list(jobs)
         while active:
             start = time.perf_counter()
-            logits = self._forward(active)
+            logits, graphed = self._forward(active)
             offset = 0
             for job in active:
                 n = job.params.block_length
@@ -200,13 +212,12 @@ class Denoiser:
             unfinished = torch.stack([(j.block == self.mask_token_id).any() for j in active])
             issued = time.perf_counter()
             active = [j for j, more in zip(active, unfinished.tolist()) if more]
-            self.stats.steps += 1
-            self.stats.host_s += issued - start
-            self.stats.wall_s += time.perf_counter() - start
+            self.stats.record(graphed, issued - start, time.perf_counter() - start)
 
-    def _forward(self, jobs: list[BlockJob]) -> torch.Tensor:
-        """One forward over every job's planned positions, packed; logits
-        for the rows of each job's current block."""
+    def _forward(self, jobs: list[BlockJob]) -> tuple[torch.Tensor, bool]:
+        """One forward over every job's planned positions, packed: logits
+        for the rows of each job's current block, and whether a CUDA graph
+        ran it."""
         shift = self.model.logit_shift
         seqs = [job.plan(shift) for job in jobs]
         input_ids = torch.cat([j.canvas[s.q_start : s.q_end] for j, s in zip(jobs, seqs)])
@@ -214,8 +225,7 @@ class Denoiser:
         self.stats.forward_tokens += len(input_ids)
         graphs = self._graphs_for(jobs, seqs)
         if graphs is not None:
-            self.stats.graph_steps += 1
-            return graphs.run(seqs, input_ids, positions, jobs[0].params.block_length)
+            return graphs.run(seqs, input_ids, positions, jobs[0].params.block_length), True
         arena = self.allocate_arena() if any(s.keys_end for s in seqs) else None
         plan = AttentionPlan(seqs, self.page_size(), self.device, arena)
         rows = torch.cat(
@@ -224,7 +234,7 @@ class Denoiser:
                 for job, seq, start in zip(jobs, seqs, plan.queries.starts)
             ]
         ).to(self.device)
-        return self.model.denoise_logits(input_ids, positions, plan, rows)
+        return self.model.denoise_logits(input_ids, positions, plan, rows), False
 
     def _graphs_for(self, jobs: list[BlockJob], seqs):
         """The graphs, if this forward is a dual-cache block-only step of
