@@ -59,7 +59,7 @@ class StaticPlan:
         queries = SequenceBatch.from_lengths([self.q_len] * n)
         local = SequenceBatch(tuple(s.arena_start + s.q_start for s in seqs),
                               tuple(s.keys_end - s.q_start for s in seqs))
-        rows = tile_rows(queries, local, tuple(s.prefix_len for s in seqs), self.block_m)
+        rows = tile_rows(queries, local, tuple(s.q_start for s in seqs), self.block_m)
         self.tiles.zero_()
         self.tiles[: len(rows)].copy_(torch.tensor(rows, dtype=torch.int32))
         fresh = torch.cat([torch.arange(s.arena_start + s.q_start, s.arena_start + s.q_end)

@@ -80,7 +80,7 @@ class BlockJob:
             return SequencePlan(length, 0, length, self.pages, write_prefix=reused,
                                 keys_end=dual_keys, arena_start=self.arena_start)
         q_end = length if mode == "prefix" else self.block_end
-        return SequencePlan(length, reused, q_end, self.pages, prefix_len=reused,
+        return SequencePlan(length, reused, q_end, self.pages,  # reads [0, reused) from pages
                             keys_end=dual_keys, arena_start=self.arena_start)
 
 

@@ -56,7 +56,6 @@ class PagedPrefix:
         page_size = self.kv_cache.shape[2]
         positions = torch.arange(n, device=self.block_table.device)
         pages = self.block_table[i, positions // page_size].long()
-        rows = (positions % page_size).to(pages.device)
-        kv = self.kv_cache[pages, :, rows]  # [n, heads, 2 * head_dim]
+        kv = self.kv_cache[pages, :, positions % page_size]  # [n, heads, 2 * head_dim]
         head_dim = kv.shape[-1] // 2
         return kv[..., :head_dim], kv[..., head_dim:]

@@ -2,9 +2,9 @@
 
 Each sequence (a request's canvas) runs queries for canvas positions
 ``[q_start, q_end)`` and attends to the keys of the whole canvas:
-- ``[0, prefix_len)``: read from vLLM's paged KV cache through the request's
+- ``[0, q_start)``: read from vLLM's paged KV cache through the request's
   pages (Fast-dLLM's prefix cache, written by the block's refresh forward,
-  ``write_prefix``);
+  ``write_prefix``; a forward whose queries start at 0 reads none);
 - ``[q_start, q_end)``: the fresh keys of this forward;
 - ``[q_end, keys_end)``: (dual cache) keys of the positions after the block,
   kept from the refresh forward in the ``KeyArena``.
@@ -37,7 +37,6 @@ class KeyArena:
         shape = (num_layers, rows + 1, num_kv_heads, head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
-        self.rows = rows
         self.spare_row = rows
 
 
@@ -47,7 +46,6 @@ class SequencePlan:
     q_start: int
     q_end: int
     pages: list[int] | None = None  # the request's KV-cache pages, in position order
-    prefix_len: int = 0  # read keys of [0, prefix_len) from the pages (== q_start)
     write_prefix: int = 0  # write this forward's keys of [0, write_prefix) to the pages
     keys_end: int | None = None  # local keys run to here (None: q_end); > q_end: dual cache
     arena_start: int = 0  # the arena row of position 0
@@ -69,7 +67,7 @@ class AttentionPlan:
         self.write_slots = torch.cat(slots).to(device) if slots else None
 
         # Paged prefixes to read.
-        self.prefix_lens = tuple(s.prefix_len for s in seqs)
+        self.prefix_lens = tuple(s.q_start for s in seqs)
         self.block_table = None
         if any(self.prefix_lens):
             width = max(len(s.pages or ()) for s in seqs)

@@ -15,7 +15,7 @@ Models that are not diffusion LMs take vLLM's own path untouched.
 
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
-from vllm_omni.diffusion.denoiser import Denoiser
+from vllm_omni.diffusion.denoiser import Denoiser, StepStats
 from vllm_omni.diffusion.params import DiffusionParams, resolve_params
 from vllm_omni.engine_config import CUDA_GRAPHS_KEY
 from vllm_omni.models import FAMILIES
@@ -98,7 +98,7 @@ class DiffusionRunnerMixin:
             return {}
         stats = self.denoiser.stats.as_dict()
         if reset:
-            self.denoiser.stats = type(self.denoiser.stats)()
+            self.denoiser.stats = StepStats()
         return stats
 
     def _kv_pages(self, block_ids: list[int]) -> list[int]:
