@@ -20,11 +20,11 @@ step() {  # name, seconds, command...
 }
 # LLaDA-8B: every mode and k, with the AR Llama twin in the same run.
 step llada 420 python3 benchmarks/throughput.py --model "$MODELS/llada-8b-shape" \
-  --batch 1 8 32 64 --tokens-per-step 1 2 4 --max-seconds-per-row 30 \
+  --batch 1 8 32 64 --tokens-per-step 1 2 4 --max-seconds-per-row 20 \
   --gpu-memory-utilization 0.9 --json "$OUT/h100_llada8b_modes.json"
 # Dream-7B: the same matrix, no AR twin (its GQA twin is a different model).
 step dream 300 python3 benchmarks/throughput.py --model "$MODELS/dream-7b-shape" \
-  --batch 1 8 32 64 --tokens-per-step 1 2 4 --max-seconds-per-row 20 --no-ar \
+  --batch 1 8 32 64 --tokens-per-step 1 2 4 --max-seconds-per-row 12 --no-ar \
   --gpu-memory-utilization 0.9 --json "$OUT/h100_dream7b_modes.json"
 # Our attention kernel against vLLM's FlashAttention: exact-mode and dual-cache shapes.
 step kernel 120 bash -c "python3 benchmarks/attention_kernel.py --batches 1,8,32,64 --lens 384 \

@@ -2,6 +2,7 @@
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 # vLLM on CPU: a small KV cache and no reserved core keep a tiny engine quick.
@@ -25,6 +26,23 @@ def golden_cases(name: str) -> dict:
     if not path.exists():
         pytest.skip(f"golden data not found at {path}")
     return json.loads(path.read_text())
+
+
+def _set_step_graphs(worker, enabled: bool, capture: bool):
+    worker.model_runner.denoiser.set_step_graphs(enabled, capture)
+
+
+@contextmanager
+def graph_shaped_steps(llm):
+    """Inside: the denoiser runs small groups through ``StepGraphs``' static
+    forward (what its CUDA graphs capture) without capturing, on any device.
+    After: the engine's default again (graphs on CUDA, none elsewhere)."""
+    llm.collective_rpc(_set_step_graphs, args=(True, False))
+    try:
+        yield
+    finally:
+        cuda = torch.cuda.is_available()
+        llm.collective_rpc(_set_step_graphs, args=(cuda, True))
 
 
 def start_engine(model: str, **kwargs):

@@ -38,7 +38,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vllm_omni.kernels.paged_kv import PagedPrefix, slots_of, write_pages
+from vllm_omni.kernels.paged_kv import PagedPrefix, page_rows_of, slots_of, write_pages
 from vllm_omni.kernels.reference import SequenceBatch, bidirectional_attention_reference
 
 ON_CUDA = torch.cuda.is_available()
@@ -393,7 +393,7 @@ def test_write_pages_then_gather_round_trip(token_major):
         cache = cache.transpose(1, 2)
     pages = [4, 1, 3]  # positions 0-15, 16-31, 32-36
     k, v = torch.randn(length, kh, d), torch.randn(length, kh, d)
-    write_pages(cache, slots_of(pages, page, length), k, v)
+    write_pages(cache, page_rows_of(slots_of(pages, page, length), page), k, v)
     table = torch.tensor([pages], dtype=torch.int32)
     gk, gv = PagedPrefix(cache, table, (length,)).gather(0)
     assert torch.equal(gk, k) and torch.equal(gv, v)
@@ -425,7 +425,8 @@ def _prebuilt_tiles(device):
     no-query padding rows, through ``paged_attention_with_tiles``; returns the
     largest difference from the ordinary launch on the real rows."""
     from vllm_omni.kernels.triton_attention import (
-        bidirectional_attention_triton, block_m_of, paged_attention_with_tiles, tile_rows)
+        bidirectional_attention_triton, block_m_of, paged_attention_with_tiles)
+    from vllm_omni.kernels.reference import tile_rows
 
     case = next(c for c in SMALL if c["name"] == "paged-3seq-fp32-d64")
     q, k, v = _inputs(case, device)
@@ -436,6 +437,25 @@ def _prebuilt_tiles(device):
     tiles = torch.tensor(rows + [(0,) * 7] * 3, dtype=torch.int32, device=device)
     got = paged_attention_with_tiles(q, k, v, tiles, 0.125, prefix.kv_cache, prefix.block_table)
     return (got - want).abs().max().item()
+
+
+def test_tiles_reference_matches_reference_with_padding():
+    """The plain reference of the prebuilt-tiles launch (what the CUDA graphs'
+    forward runs off the GPU) gives the ordinary reference's rows, padding
+    rows and small tiles included."""
+    from vllm_omni.kernels.reference import attention_with_tiles_reference, tile_rows
+
+    case = next(c for c in SMALL if c["name"] == "paged-3seq-fp32-d64")
+    q, k, v = _inputs(case, "cpu")
+    batch, kv_batch = _batches(case)
+    prefix = _prefix(case, "cpu")
+    want = bidirectional_attention_reference(q, k, v, batch, 0.125, kv_batch, prefix)
+    rows = tile_rows(batch, kv_batch, prefix.lens, 16)
+    tiles = torch.tensor(rows + [(0,) * 7] * 3, dtype=torch.int32)
+    got = attention_with_tiles_reference(q, k, v, tiles, 0.125, prefix.kv_cache,
+                                         prefix.block_table)
+    for start, n in zip(batch.starts, batch.lens):
+        torch.testing.assert_close(got[start : start + n], want[start : start + n])
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="checked interpreted otherwise")

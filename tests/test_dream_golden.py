@@ -4,7 +4,7 @@
 import pytest
 from vllm import SamplingParams
 
-from conftest import golden_cases
+from conftest import golden_cases, graph_shaped_steps
 
 EOS = 0
 
@@ -72,3 +72,24 @@ def test_cache_modes_run_and_are_batch_invariant(dream_llm):
         assert list(out.outputs[0].token_ids) == list(alone.outputs[0].token_ids)
         assert len(out.outputs[0].token_ids) == 32
         assert 1985 not in out.outputs[0].token_ids  # no mask token left
+
+
+def test_graph_shaped_steps_are_exact(dream_llm):
+    """The forward Dream's CUDA graphs capture (its logit shift: the query row
+    before each block), run without capture: the official tokens, and the
+    cache modes as in eager steps."""
+    base = cases()[1]
+    params = [SamplingParams(temperature=0, max_tokens=32, ignore_eos=True,
+                             extra_args={"steps": 16, "block_length": 8, "cache": mode})
+              for mode in ("prefix", "dual", "none")]
+    prompts = [{"prompt_token_ids": base["prompt_ids"][: 5 + i]} for i in range(3)]
+    eager = dream_llm.generate(prompts, params, use_tqdm=False)
+    with graph_shaped_steps(dream_llm):
+        dream_llm.collective_rpc("diffusion_step_stats", kwargs={"reset": True})
+        for case, tokens in zip(cases(), generate(dream_llm, cases(), True)):
+            assert tokens == expected(case, True), case["name"]
+        static = dream_llm.generate(prompts, params, use_tqdm=False)
+        stats = dream_llm.collective_rpc("diffusion_step_stats")[0]
+    assert 0 < stats["graph_steps"] <= stats["steps"], stats
+    for a, b in zip(eager, static):
+        assert list(a.outputs[0].token_ids) == list(b.outputs[0].token_ids)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from vllm import SamplingParams
 
-from conftest import golden_cases
+from conftest import golden_cases, graph_shaped_steps
 
 STOP_IDS = (0, 4)  # <|endoftext|>, <|eot_id|> (generation_config.json)
 
@@ -78,11 +78,11 @@ def test_identical_prompts_never_share_cached_keys(llada_llm):
         assert tokens == expected(case, True), case["name"]
 
 
-def test_dual_cache_steps_replay_cuda_graphs_on_cuda(llada_llm):
-    """On CUDA the dual cache's block-only steps replay captured graphs (the
-    golden cases above pass through them); elsewhere nothing is captured."""
+def test_steps_replay_cuda_graphs_on_cuda(llada_llm):
+    """On CUDA small groups' forwards replay captured graphs in every mode
+    (the golden cases above pass through them); elsewhere nothing is captured."""
     llada_llm.collective_rpc("diffusion_step_stats", kwargs={"reset": True})
-    cases = [c for c in all_cases() if c["mode"] == "dual_cache"]
+    cases = all_cases()
     for case, tokens in zip(cases, generate(llada_llm, cases, True)):
         assert tokens == expected(case, True), case["name"]
     stats = llada_llm.collective_rpc("diffusion_step_stats")[0]
@@ -91,6 +91,22 @@ def test_dual_cache_steps_replay_cuda_graphs_on_cuda(llada_llm):
         assert stats["graph_steps"] > 0, stats
     else:
         assert stats["graph_steps"] == 0, stats
+
+
+def test_graph_shaped_steps_are_exact(llada_llm):
+    """The forward the CUDA graphs capture (fixed buffers refilled per block,
+    padding to buckets, ids gathered from the canvas rows, prefix keys copied
+    from the arena into the pages), run without capture: every mode, mixed
+    in one batch, token for token; singly too (other buckets)."""
+    with graph_shaped_steps(llada_llm):
+        llada_llm.collective_rpc("diffusion_step_stats", kwargs={"reset": True})
+        cases = all_cases()
+        for case, tokens in zip(cases, generate(llada_llm, cases, False)):
+            assert tokens == expected(case, False), case["name"]
+        for case in cases[:4]:
+            assert generate(llada_llm, [case], True)[0] == expected(case, True), case["name"]
+        stats = llada_llm.collective_rpc("diffusion_step_stats")[0]
+        assert 0 < stats["graph_steps"] <= stats["steps"], stats
 
 
 def test_cache_cases_one_at_a_time(llada_llm):

@@ -4,7 +4,7 @@ request still gives the official tokens (exact and cached modes alike)."""
 import pytest
 from vllm import SamplingParams
 
-from conftest import ASSETS, golden_cases, start_engine
+from conftest import ASSETS, golden_cases, graph_shaped_steps, start_engine
 
 MAX_LEN = 96
 
@@ -19,7 +19,8 @@ def small_kv_llm():
     del llm
 
 
-def test_preempted_requests_resume_exactly(small_kv_llm):
+@pytest.mark.parametrize("graph_shaped", [False, True])
+def test_preempted_requests_resume_exactly(small_kv_llm, graph_shaped):
     cases = [c for c in golden_cases("llada_cases.json")["cases"]
              if len(c["prompt_ids"]) + c["gen_length"] <= MAX_LEN]
     assert len(cases) >= 6
@@ -29,10 +30,17 @@ def test_preempted_requests_resume_exactly(small_kv_llm):
                                          "cache": cache[c["mode"]],
                                          **({"threshold": c["threshold"]} if c["threshold"] else {})})
               for c in cases]
-    outs = small_kv_llm.generate([{"prompt_token_ids": c["prompt_ids"]} for c in cases] * 2,
-                                 params * 2, use_tqdm=False)
+    before = _preemptions(small_kv_llm)
+    prompts = [{"prompt_token_ids": c["prompt_ids"]} for c in cases] * 2
+    if graph_shaped:  # the static forward CUDA graphs capture (conftest)
+        with graph_shaped_steps(small_kv_llm):
+            outs = small_kv_llm.generate(prompts, params * 2, use_tqdm=False)
+    else:
+        outs = small_kv_llm.generate(prompts, params * 2, use_tqdm=False)
     for case, out in zip(cases * 2, outs):
         assert list(out.outputs[0].token_ids) == case["output_ids"], case["name"]
-    preemptions = sum(m.value for m in small_kv_llm.get_metrics()
-                      if m.name == "vllm:num_preemptions")
-    assert preemptions > 0
+    assert _preemptions(small_kv_llm) > before
+
+
+def _preemptions(llm) -> int:
+    return sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")

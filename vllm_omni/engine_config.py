@@ -33,7 +33,7 @@ from vllm_omni.models import family_of
 logger = init_logger(__name__)
 
 GPU_WORKER = "vllm_omni.worker.DiffusionGPUWorker"
-# additional_config key: capture the dual cache's steps in CUDA graphs (default:
+# additional_config key: capture the denoiser's forwards in CUDA graphs (default:
 # not enforce_eager).
 CUDA_GRAPHS_KEY = "diffusion_cuda_graphs"
 CPU_WORKER = "vllm_omni.worker.DiffusionCPUWorker"

@@ -1,146 +1,216 @@
-"""CUDA graphs of the dual cache's hot step.
+"""CUDA graphs of the denoising steps.
 
-In the dual cache, all but the first step of a block run only the block
-(plus, for shifted-logit families, the position before it) over keys that
-stay where they are: the prefix in vLLM's KV pages, the suffix in the key
-arena. The forward's shapes then depend only on the number of sequences and
-the block length, so it can be captured once and replayed: at batch 1 an 8B
-model's step is a few milliseconds of GPU work, and launching its ~500
-kernels one by one from Python costs as much again.
+At batch 1 an 8B model's denoising forward is a few milliseconds of GPU work
+(7 ms for a 32-token block, 10 ms for a 384-token canvas on an H100), and
+launching its 400-600 kernels one by one from Python costs 12 ms: eager, the GPU
+waits on the host. So every forward of a small group (at most
+``MAX_GRAPH_TOKENS`` query tokens) replays a graph: exact-mode steps, the
+cache modes' refresh steps and their block steps alike.
 
-A graph is captured lazily for each (batch bucket, query rows per sequence)
-the first time a group of that size needs one; a group is padded to the
-bucket with sequences that have no queries (their rows compute garbage that
-nothing reads, and their fresh keys go to the arena's spare row). Every
-tensor the graph reads is kept alive with it (a freed one would be reused
-under the graph's feet); the ones that change are refilled before each
-replay: the input ids
-and positions, the arena rows of the fresh keys, the attention kernel's tile
-rows and the block table. The kernel does all data-dependent work on the
-device (``paged_attention_with_tiles``).
+One graph serves any group with the same (sequence bucket, token bucket,
+block length). Its plan lives in fixed buffers (``StaticPlan``) that are
+refilled only when the group's layout changes (a new block, a request
+leaving), not at every step:
+- input ids are gathered inside the graph from the denoiser's canvas rows,
+  which the commits update in place, so a step copies nothing in;
+- every sequence's fresh keys go to the key arena (row = its arena start +
+  position) and its local keys are read back from there; its prefix comes
+  from vLLM's KV pages through a block-table buffer;
+- the attention kernel runs on a prebuilt tile table
+  (``kernels.attention_with_tiles``): no host-side work depends on the data;
+- padding (sequences up to the bucket, tokens up to the bucket) has no tile
+  rows, writes its keys to the arena's spare row, and its logits are never
+  read.
+A refresh's prefix keys are copied from the arena into the pages after the
+replay (``copy_prefix_to_pages``): how many there are changes every block.
 
-Not graphed: refresh steps (whole canvases, variable shapes), the prefix
-cache and exact mode (query counts vary), tensor parallelism (vLLM's
-all-reduce needs its own capture context), CPU.
+Graphs are captured lazily, the first time a shape is needed, all in one
+memory pool (they never run concurrently); every tensor a graph reads is
+kept alive with it, and the logits land in a buffer shared by the graphs
+with the same number of rows. Off the GPU (``capture=False``) the same
+static forward runs eagerly: the tests check it there token for token.
+
+Not graphed: groups over ``MAX_GRAPH_TOKENS`` tokens (the GPU is busy anyway),
+mixed block lengths, tensor parallelism (vLLM's all-reduce needs its own
+capture context).
 """
 
+import time
 from dataclasses import dataclass
 
 import torch
 
-from vllm_omni.kernels.reference import SequenceBatch
-from vllm_omni.kernels.triton_attention import (
-    block_m_of,
-    paged_attention_with_tiles,
-    tile_rows,
-)
+from vllm_omni.kernels import attention_with_tiles, tile_block_m
+from vllm_omni.kernels.paged_kv import page_rows_of, slots_of, write_pages
+from vllm_omni.kernels.reference import SequenceBatch, tile_rows
 from vllm_omni.models.attention_plan import KeyArena, SequencePlan
 
-BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+SEQ_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+MAX_GRAPH_TOKENS = 2048
+
+
+def token_bucket(tokens: int) -> int:
+    """Query tokens a graph is captured for: powers of two up to 64, then
+    multiples of 64 (a 384-token canvas pads nothing)."""
+    if tokens <= 64:
+        return max(1, 1 << (tokens - 1).bit_length())
+    return -(-tokens // 64) * 64
 
 
 class StaticPlan:
-    """The attention plan of a graphed step: fixed device buffers."""
+    """An attention plan in fixed device buffers, for a graph's forward."""
 
-    def __init__(self, num_seqs: int, q_len: int, max_pages: int, arena: KeyArena,
-                 block_m: int, device: torch.device):
+    def __init__(self, num_seqs: int, tokens: int, block_len: int, max_pages: int,
+                 arena: KeyArena, block_m: int, logit_shift: int, device: torch.device):
         self.arena = arena
-        self.q_len = q_len
         self.block_m = block_m
-        tiles_per_seq = -(-q_len // block_m)
-        self.fresh_rows = torch.full((num_seqs * q_len,), arena.spare_row, dtype=torch.long,
-                                     device=device)
-        self.tiles = torch.zeros((num_seqs * tiles_per_seq, 7), dtype=torch.int32, device=device)
+        self.block_len = block_len
+        self.logit_shift = logit_shift
+        self.fresh_rows = torch.full((tokens,), arena.spare_row, dtype=torch.long, device=device)
+        self.positions = torch.zeros(tokens, dtype=torch.long, device=device)
+        self.tiles = torch.zeros((-(-tokens // block_m) + num_seqs, 7), dtype=torch.int32,
+                                 device=device)
         self.block_table = torch.zeros((num_seqs, max_pages), dtype=torch.int32, device=device)
+        # Packed query rows whose outputs predict the block tokens (padding:
+        # any valid row).
+        self.logit_rows = torch.full((num_seqs * block_len,), logit_shift, dtype=torch.long,
+                                     device=device)
+        self.layout = None
 
-    def fill(self, seqs: list[SequencePlan]) -> None:
-        """Point the buffers at these sequences (the rest: no-query padding)."""
-        n = len(seqs)
-        queries = SequenceBatch.from_lengths([self.q_len] * n)
+    def fill(self, seqs: list[SequencePlan], block_starts: list[int]) -> None:
+        """Point the buffers at these sequences, unless they already are."""
+        layout = [(s.q_start, s.q_end, s.keys_end, s.arena_start, tuple(s.pages or ()), b)
+                  for s, b in zip(seqs, block_starts)]
+        if layout == self.layout:
+            return
+        queries = SequenceBatch.from_lengths([s.q_end - s.q_start for s in seqs])
         local = SequenceBatch(tuple(s.arena_start + s.q_start for s in seqs),
-                              tuple(s.keys_end - s.q_start for s in seqs))
+                              tuple((s.keys_end or s.q_end) - s.q_start for s in seqs))
         rows = tile_rows(queries, local, tuple(s.q_start for s in seqs), self.block_m)
-        self.tiles.zero_()
-        self.tiles[: len(rows)].copy_(torch.tensor(rows, dtype=torch.int32))
-        fresh = torch.cat([torch.arange(s.arena_start + s.q_start, s.arena_start + s.q_end)
-                           for s in seqs])
-        self.fresh_rows.fill_(self.arena.spare_row)
-        self.fresh_rows[: len(fresh)].copy_(fresh)
-        width = self.block_table.shape[1]
-        table = [list(s.pages[:width]) + [0] * (width - len(s.pages[:width])) for s in seqs]
-        self.block_table[:n].copy_(torch.tensor(table, dtype=torch.int32))
+        self._fill(self.tiles, torch.tensor(rows, dtype=torch.int32).reshape(-1, 7), 0)
+        self._fill(self.fresh_rows, torch.cat([
+            torch.arange(s.arena_start + s.q_start, s.arena_start + s.q_end) for s in seqs]),
+            self.arena.spare_row)
+        self._fill(self.positions, torch.cat([torch.arange(s.q_start, s.q_end) for s in seqs]), 0)
+        # A block's rows sit block_start - q_start into its sequence's queries.
+        self._fill(self.logit_rows, torch.cat([
+            torch.arange(b, b + self.block_len) - s.q_start + start
+            for s, b, start in zip(seqs, block_starts, queries.starts)]), self.logit_shift)
+        table = torch.zeros(self.block_table.shape, dtype=torch.int32)
+        for i, s in enumerate(seqs):
+            table[i, : len(s.pages or ())] = torch.tensor(s.pages or [], dtype=torch.int32)
+        self.block_table.copy_(table)
+        self.layout = layout
+
+    @staticmethod
+    def _fill(buffer: torch.Tensor, values: torch.Tensor, pad: int) -> None:
+        host = torch.full(buffer.shape, pad, dtype=buffer.dtype)
+        host[: len(values)] = values
+        buffer.copy_(host)
 
     def attend(self, layer: int, q, k, v, scale: float, kv_cache: torch.Tensor) -> torch.Tensor:
         arena_k, arena_v = self.arena.k[layer], self.arena.v[layer]
         arena_k.index_copy_(0, self.fresh_rows, k)
         arena_v.index_copy_(0, self.fresh_rows, v)
-        return paged_attention_with_tiles(q, arena_k, arena_v, self.tiles, scale, kv_cache,
-                                          self.block_table)
+        return attention_with_tiles(q, arena_k, arena_v, self.tiles, scale, kv_cache,
+                                    self.block_table)
 
 
 @dataclass
 class CapturedStep:
-    graph: torch.cuda.CUDAGraph
     plan: StaticPlan
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    rows: torch.Tensor  # read by the graph: must live as long as it
-    logits: torch.Tensor  # [num_seqs * block rows, vocab]
+    graph: torch.cuda.CUDAGraph | None = None  # None: run uncaptured (off the GPU)
+    logits: torch.Tensor | None = None  # the graph's output, shared by same-sized graphs
 
 
-class DualStepGraphs:
-    def __init__(self, model, arena: KeyArena, max_pages: int, max_seqs: int,
-                 device: torch.device):
+class StepGraphs:
+    """The graphs of one denoiser, by (sequence bucket, token bucket, block length)."""
+
+    def __init__(self, model, arena: KeyArena, canvases: torch.Tensor, max_pages: int,
+                 max_seqs: int, device: torch.device, capture: bool = True):
         self.model = model
         self.arena = arena
+        self.canvases = canvases  # the denoiser's canvas rows, one per arena row
         self.max_pages = max_pages
-        self.buckets = [b for b in BUCKETS if b < max_seqs] + [max_seqs]
+        self.seq_buckets = [b for b in SEQ_BUCKETS if b < max_seqs] + [max_seqs]
         self.device = device
+        self.capture = capture
         attn = model.model.layers[0].self_attn
-        self.block_m = block_m_of(attn.head_dim, model.lm_head.weight.dtype)
-        self.steps: dict[tuple[int, int], CapturedStep] = {}
+        self.block_m = tile_block_m(attn.head_dim, model.lm_head.weight.dtype, device)
+        self.steps: dict[tuple[int, int, int], CapturedStep] = {}
+        self.outputs: dict[int, torch.Tensor] = {}  # logits buffers by row count
         self.pool = None
+        self.capture_s = 0.0
 
-    def fits(self, num_seqs: int, seqs: list[SequencePlan]) -> bool:
-        q_len = seqs[0].q_end - seqs[0].q_start
-        return num_seqs <= self.buckets[-1] and all(
-            s.q_end - s.q_start == q_len and len(s.pages) <= self.max_pages for s in seqs
-        )
+    def fits(self, seqs: list[SequencePlan], block_lens: list[int]) -> bool:
+        return (len(seqs) <= self.seq_buckets[-1] and len(set(block_lens)) == 1
+                and sum(s.q_end - s.q_start for s in seqs) <= MAX_GRAPH_TOKENS
+                and all(len(s.pages or ()) <= self.max_pages for s in seqs))
 
-    def run(self, seqs: list[SequencePlan], input_ids: torch.Tensor, positions: torch.Tensor,
-            block_len: int) -> torch.Tensor:
-        """Logits of every sequence's block rows, from a replay."""
-        n = len(seqs)
-        q_len = seqs[0].q_end - seqs[0].q_start
-        bucket = next(b for b in self.buckets if b >= n)
-        step = self.steps.get((bucket, q_len))
+    def run(self, seqs: list[SequencePlan], block_starts: list[int], block_len: int):
+        """Logits of every sequence's block rows ([len(seqs) * block_len, vocab])."""
+        tokens = sum(s.q_end - s.q_start for s in seqs)
+        key = (next(b for b in self.seq_buckets if b >= len(seqs)), token_bucket(tokens),
+               block_len)
+        step = self.steps.get(key)
         if step is None:
-            step = self._capture(bucket, q_len, block_len, seqs, input_ids, positions)
-            self.steps[(bucket, q_len)] = step
-        step.plan.fill(seqs)
-        step.input_ids[: len(input_ids)].copy_(input_ids)
-        step.positions[: len(positions)].copy_(positions)
+            step = self.steps[key] = self._build(*key, seqs, block_starts)
+        step.plan.fill(seqs, block_starts)
+        if step.graph is None:
+            return self._forward(step.plan)[: len(seqs) * block_len]
         step.graph.replay()
-        return step.logits[: n * block_len]
+        return step.logits[: len(seqs) * block_len]
 
-    def _capture(self, bucket, q_len, block_len, seqs, input_ids, positions) -> CapturedStep:
-        plan = StaticPlan(bucket, q_len, self.max_pages, self.arena, self.block_m, self.device)
-        ids = torch.zeros(bucket * q_len, dtype=torch.long, device=self.device)
-        pos = torch.zeros_like(ids)
-        shift = q_len - block_len  # rows before each block (the logit shift)
-        rows = (torch.arange(bucket)[:, None] * q_len + shift + torch.arange(block_len)).flatten()
-        rows = rows.to(self.device)
-        plan.fill(seqs)
-        ids[: len(input_ids)].copy_(input_ids)
-        pos[: len(positions)].copy_(positions)
+    def _forward(self, plan: StaticPlan, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The graphed forward: everything it reads is in ``plan`` and the canvases."""
+        ids = self.canvases.index_select(0, plan.fresh_rows)
+        logits = self.model.denoise_logits(ids, plan.positions, plan, plan.logit_rows)
+        if out is not None:
+            out.copy_(logits)
+        return logits
+
+    def _build(self, num_seqs, tokens, block_len, seqs, block_starts) -> CapturedStep:
+        start = time.perf_counter()
+        plan = StaticPlan(num_seqs, tokens, block_len, self.max_pages, self.arena, self.block_m,
+                          self.model.logit_shift, self.device)
+        if not self.capture:
+            return CapturedStep(plan)
+        plan.fill(seqs, block_starts)
         # Warm up off the capture (Triton compiles, lazy state settles), then capture.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self.model.denoise_logits(ids, pos, plan, rows)
+            logits = self._forward(plan)
         torch.cuda.current_stream().wait_stream(side)
+        out = self._output(logits)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self.model.denoise_logits(ids, pos, plan, rows)
+            self._forward(plan, out)
         self.pool = graph.pool()
-        return CapturedStep(graph, plan, ids, pos, rows, logits)
+        torch.cuda.synchronize()
+        self.capture_s += time.perf_counter() - start
+        return CapturedStep(plan, graph, out)
+
+    def _output(self, logits: torch.Tensor) -> torch.Tensor:
+        out = self.outputs.get(logits.shape[0])
+        if out is None:
+            out = self.outputs[logits.shape[0]] = torch.empty_like(logits)
+        return out
+
+
+def copy_prefix_to_pages(model, arena: KeyArena, seqs: list[SequencePlan]) -> None:
+    """After a graphed forward: the keys of each refreshing sequence's prefix
+    (``write_prefix`` positions), left in the arena, into its KV pages."""
+    page_size = model.kv_cache_page_size()
+    rows, slots = [], []
+    for s in seqs:
+        if s.write_prefix:
+            rows.append(torch.arange(s.arena_start, s.arena_start + s.write_prefix))
+            slots.append(slots_of(s.pages, page_size, s.write_prefix))
+    if not rows:
+        return
+    device = arena.k.device
+    rows = torch.cat(rows).to(device)
+    at = page_rows_of(torch.cat(slots).to(device), page_size)
+    for layer, kv_cache in enumerate(model.kv_caches()):
+        write_pages(kv_cache, at, arena.k[layer, rows], arena.v[layer, rows])

@@ -15,7 +15,7 @@ Cache modes (Fast-dLLM, NVlabs/Fast-dLLM ``llada/generate.py``):
 - ``dual``: as ``prefix``, but later steps run only the block; the keys after
   the block (masks: vLLM has no pages for them) stay in the runner's key
   arena (``models/attention_plan.py``) for the block's steps.
-On CUDA the dual cache's block-only steps replay CUDA graphs (``cuda_graphs.py``).
+On CUDA the forwards of small groups replay CUDA graphs (``cuda_graphs.py``).
 Prefix keys depend on the whole canvas (attention is bidirectional), so they
 are rewritten at every block and mean nothing to another request: the engine
 config turns vLLM's prefix caching off. Nothing outlives the engine step, so
@@ -40,6 +40,7 @@ import torch
 from vllm.distributed import get_tensor_model_parallel_world_size, get_tp_group
 
 from vllm_omni.diffusion.algorithms import ALGORITHMS
+from vllm_omni.diffusion.cuda_graphs import StepGraphs, copy_prefix_to_pages
 from vllm_omni.diffusion.params import DiffusionParams
 from vllm_omni.models.attention_plan import AttentionPlan, KeyArena, SequencePlan
 
@@ -50,7 +51,7 @@ class BlockJob:
     masks) and where the block sits in it."""
 
     req_id: str
-    canvas: torch.Tensor  # [prompt + canvas_length] token ids, on the device
+    canvas: torch.Tensor  # [prompt + canvas_length] token ids (on the device while decoded)
     block_start: int
     params: DiffusionParams
     generator: torch.Generator | None = None
@@ -91,7 +92,8 @@ class StepStats:
     its last kernel is queued (Python, vLLM's layers, kernel launches), i.e.
     the host-side cost; ``wall_s``: until its result is on the host. host_s
     close to wall_s means the GPU waits on the host. The ``graph_`` fields
-    count the subset of steps whose forward replayed a CUDA graph."""
+    count the subset of steps whose forward ran through the step graphs
+    (``cuda_graphs.py``: a replay, or in tests off the GPU its static forward)."""
 
     steps: int = 0
     forward_tokens: int = 0
@@ -100,6 +102,7 @@ class StepStats:
     graph_steps: int = 0
     graph_host_s: float = 0.0
     graph_wall_s: float = 0.0
+    capture_s: float = 0.0  # capturing graphs (inside the steps' times)
 
     def record(self, graphed: bool, host_s: float, wall_s: float) -> None:
         self.steps += 1
@@ -125,13 +128,17 @@ class Denoiser:
         # most 2 * max_model_len long (max_tokens rounded up to whole blocks).
         self.arena_rows = max(token_budget, 2 * max_model_len)
         self.arena: KeyArena | None = None
+        # A group's canvases, position p of a job at row arena_start + p (as
+        # in the arena); the commits write into it, graphs read from it.
+        self.canvases: torch.Tensor | None = None
         self.mask_token_id = model.mask_token_id
         self.tp_size = get_tensor_model_parallel_world_size()
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
-        # Graphs of the dual cache's block-only steps (``cuda_graphs.py``).
+        # Graphs of small groups' forwards (``cuda_graphs.py``).
         self.use_graphs = cuda_graphs and device.type == "cuda" and self.tp_size == 1
-        self.graphs = None  # a DualStepGraphs, built on first need
+        self.capture_graphs = True
+        self.graphs = None  # a StepGraphs, built on first need
 
     def make_job(
         self,
@@ -147,11 +154,7 @@ class Denoiser:
         the KV-cache pages vLLM allocated for those tokens, needed by the
         prefix and dual caches."""
         num_masks = params.canvas_length - len(output_ids)
-        canvas = torch.tensor(
-            prompt_ids + output_ids + [self.mask_token_id] * num_masks,
-            dtype=torch.long,
-            device=self.device,
-        )
+        canvas = torch.tensor(prompt_ids + output_ids + [self.mask_token_id] * num_masks)
         block_start = len(prompt_ids) + len(output_ids)
         if params.cache != "none" and len(pages or ()) * self.page_size() < block_start:
             raise RuntimeError(f"request {req_id}: KV pages do not cover its {block_start} tokens")
@@ -162,30 +165,42 @@ class Denoiser:
         return self.model.kv_cache_page_size()
 
     def allocate_arena(self) -> KeyArena:
-        """The key arena, allocated on first need (the runner calls this
-        while vLLM profiles memory, so the KV cache is sized around it)."""
+        """The key arena and the canvas rows, allocated on first need (the
+        runner calls this while vLLM profiles memory, so the KV cache is sized
+        around them)."""
         if self.arena is None:
             attn = self.model.model.layers[0].self_attn
             self.arena = KeyArena(len(self.model.model.layers), self.arena_rows,
                                   attn.num_kv_heads, attn.head_dim,
                                   self.model.lm_head.weight.dtype, self.device)
+            # Zeros: the spare row is a valid token id for padded graph rows.
+            self.canvases = torch.zeros(self.arena_rows + 1, dtype=torch.long,
+                                        device=self.device)
         return self.arena
+
+    def set_step_graphs(self, enabled: bool, capture: bool = True) -> None:
+        """Run small groups through ``StepGraphs`` or not; ``capture=False``
+        runs their static forward eagerly (how the tests check it off the GPU)."""
+        self.use_graphs, self.capture_graphs, self.graphs = enabled, capture, None
 
     def run(self, jobs: list[BlockJob]) -> dict[str, list[int]]:
         """Denoise every job's block to completion; return the blocks."""
-        group, tokens = [], 0
+        groups, tokens = [[]], 0
         for job in jobs:
-            if group and tokens + len(job.canvas) > self.token_budget:
-                self._decode(group)
-                group, tokens = [], 0
-            group.append(job)
+            if groups[-1] and tokens + len(job.canvas) > self.token_budget:
+                groups.append([])
+                tokens = 0
+            groups[-1].append(job)
             tokens += len(job.canvas)
-        if group:
-            self._decode(group)
         if not jobs:
             return {}
+        # The canvas rows are reused by the next group: keep each group's blocks.
+        decided = []
+        for group in groups:
+            self._decode(group)
+            decided.append(torch.cat([job.block for job in group]))
         # One device-to-host copy for all blocks.
-        blocks = torch.cat([job.block for job in jobs]).tolist()
+        blocks = torch.cat(decided).tolist()
         out, offset = {}, 0
         for job in jobs:
             out[job.req_id] = blocks[offset : offset + job.params.block_length]
@@ -193,10 +208,14 @@ class Denoiser:
         return out
 
     def _decode(self, jobs: list[BlockJob]) -> None:
+        self.allocate_arena()
         offset = 0
         for job in jobs:  # position p of a job's canvas: arena row arena_start + p
             job.arena_start = offset
             offset += len(job.canvas)
+        self.canvases[:offset].copy_(torch.cat([job.canvas for job in jobs]))
+        for job in jobs:
+            job.canvas = self.canvases[job.arena_start : job.arena_start + len(job.canvas)]
         active = list(jobs)
         while active:
             start = time.perf_counter()
@@ -218,15 +237,18 @@ class Denoiser:
         """One forward over every job's planned positions, packed: logits
         for the rows of each job's current block, and whether a CUDA graph
         ran it."""
-        shift = self.model.logit_shift
-        seqs = [job.plan(shift) for job in jobs]
-        input_ids = torch.cat([j.canvas[s.q_start : s.q_end] for j, s in zip(jobs, seqs)])
-        positions = torch.cat([torch.arange(s.q_start, s.q_end) for s in seqs]).to(self.device)
-        self.stats.forward_tokens += len(input_ids)
+        seqs = [job.plan(self.model.logit_shift) for job in jobs]
+        self.stats.forward_tokens += sum(s.q_end - s.q_start for s in seqs)
         graphs = self._graphs_for(jobs, seqs)
         if graphs is not None:
-            return graphs.run(seqs, input_ids, positions, jobs[0].params.block_length), True
-        arena = self.allocate_arena() if any(s.keys_end for s in seqs) else None
+            captured = graphs.capture_s
+            logits = graphs.run(seqs, [j.block_start for j in jobs], jobs[0].params.block_length)
+            copy_prefix_to_pages(self.model, self.arena, seqs)
+            self.stats.capture_s += graphs.capture_s - captured
+            return logits, True
+        input_ids = torch.cat([j.canvas[s.q_start : s.q_end] for j, s in zip(jobs, seqs)])
+        positions = torch.cat([torch.arange(s.q_start, s.q_end) for s in seqs]).to(self.device)
+        arena = self.arena if any(s.keys_end for s in seqs) else None
         plan = AttentionPlan(seqs, self.page_size(), self.device, arena)
         rows = torch.cat(
             [
@@ -237,17 +259,15 @@ class Denoiser:
         return self.model.denoise_logits(input_ids, positions, plan, rows), False
 
     def _graphs_for(self, jobs: list[BlockJob], seqs):
-        """The graphs, if this forward is a dual-cache block-only step of
-        every job, with one block length, that they can run."""
-        if not self.use_graphs or any(j.params.cache != "dual" or j.step == 0 for j in jobs):
+        """The step graphs, if they can run this forward."""
+        if not self.use_graphs:
             return None
         if self.graphs is None:
-            from vllm_omni.diffusion.cuda_graphs import DualStepGraphs  # imports Triton
-
             max_pages = -(-self.max_model_len // self.page_size()) + 1
-            self.graphs = DualStepGraphs(self.model, self.allocate_arena(), max_pages,
-                                         self.max_num_seqs, self.device)
-        return self.graphs if self.graphs.fits(len(jobs), seqs) else None
+            self.graphs = StepGraphs(self.model, self.arena, self.canvases, max_pages,
+                                     self.max_num_seqs, self.device, self.capture_graphs)
+        fits = self.graphs.fits(seqs, [j.params.block_length for j in jobs])
+        return self.graphs if fits else None
 
     @staticmethod
     def _agree(jobs: list[BlockJob]) -> None:

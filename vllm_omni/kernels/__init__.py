@@ -14,10 +14,11 @@ without a working Triton still import this package.
 from vllm_omni.kernels.paged_kv import PagedPrefix
 from vllm_omni.kernels.reference import (
     SequenceBatch,
+    attention_with_tiles_reference,
     bidirectional_attention_reference,
 )
 
-__all__ = ["SequenceBatch", "bidirectional_attention"]
+__all__ = ["SequenceBatch", "attention_with_tiles", "bidirectional_attention", "tile_block_m"]
 
 
 def bidirectional_attention(q, k, v, batch: SequenceBatch, scale: float,
@@ -28,3 +29,23 @@ def bidirectional_attention(q, k, v, batch: SequenceBatch, scale: float,
 
         return bidirectional_attention_triton(q, k, v, batch, scale, kv_batch, prefix=prefix)
     return bidirectional_attention_reference(q, k, v, batch, scale, kv_batch, prefix)
+
+
+def attention_with_tiles(q, k, v, tiles, scale: float, kv_cache, block_table):
+    """The paged variant on a prebuilt 7-column tile table (``tile_rows``;
+    rows with no queries are padding): no host-side work that depends on the
+    data on CUDA, what a CUDA graph captures."""
+    if q.is_cuda:
+        from vllm_omni.kernels.triton_attention import paged_attention_with_tiles
+
+        return paged_attention_with_tiles(q, k, v, tiles, scale, kv_cache, block_table)
+    return attention_with_tiles_reference(q, k, v, tiles, scale, kv_cache, block_table)
+
+
+def tile_block_m(head_dim: int, dtype, device) -> int:
+    """Queries per tile of a prebuilt tile table (any size serves the reference)."""
+    if device.type != "cuda":
+        return 64
+    from vllm_omni.kernels.triton_attention import block_m_of
+
+    return block_m_of(head_dim, dtype)

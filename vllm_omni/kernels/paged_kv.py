@@ -31,14 +31,31 @@ def slots_of(pages: list[int], page_size: int, length: int) -> torch.Tensor:
     return torch.tensor(pages, dtype=torch.long)[positions // page_size] * page_size + positions % page_size
 
 
-def write_pages(kv_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Store k/v rows ``[n, num_kv_heads, head_dim]`` at flat ``slots`` [n]."""
+def page_rows_of(slots: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat slots -> (pages, rows in the page), the indices ``write_pages`` takes."""
+    return slots // page_size, slots % page_size
+
+
+def write_pages(kv_cache: torch.Tensor, page_rows: tuple[torch.Tensor, torch.Tensor],
+                k: torch.Tensor, v: torch.Tensor) -> None:
+    """Store k/v rows ``[n, num_kv_heads, head_dim]`` at ``page_rows`` (from
+    ``page_rows_of``: computed once, used by every layer)."""
     head_dim = k.shape[-1]
-    page_size = kv_cache.shape[2]
-    pages, rows = slots // page_size, slots % page_size
+    pages, rows = page_rows
     # Index dims 0 and 2 with a slice between them: the selection is [n, heads, dim].
     kv_cache[pages, :, rows, :head_dim] = k.to(kv_cache.dtype)
     kv_cache[pages, :, rows, head_dim:] = v.to(kv_cache.dtype)
+
+
+def gather_prefix(kv_cache: torch.Tensor, table_row: torch.Tensor, n: int):
+    """(keys, values), each [n, num_kv_heads, head_dim], of positions
+    ``0..n-1`` of the sequence whose pages ``table_row`` lists."""
+    page_size = kv_cache.shape[2]
+    positions = torch.arange(n, device=table_row.device)
+    pages = table_row[positions // page_size].long()
+    kv = kv_cache[pages, :, positions % page_size]  # [n, heads, 2 * head_dim]
+    head_dim = kv.shape[-1] // 2
+    return kv[..., :head_dim], kv[..., head_dim:]
 
 
 @dataclass(frozen=True)
@@ -52,10 +69,4 @@ class PagedPrefix:
 
     def gather(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys, values) of sequence i, each [lens[i], num_kv_heads, head_dim]."""
-        n = self.lens[i]
-        page_size = self.kv_cache.shape[2]
-        positions = torch.arange(n, device=self.block_table.device)
-        pages = self.block_table[i, positions // page_size].long()
-        kv = self.kv_cache[pages, :, positions % page_size]  # [n, heads, 2 * head_dim]
-        head_dim = kv.shape[-1] // 2
-        return kv[..., :head_dim], kv[..., head_dim:]
+        return gather_prefix(self.kv_cache, self.block_table[i], self.lens[i])

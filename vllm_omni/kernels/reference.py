@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vllm_omni.kernels.paged_kv import PagedPrefix
+from vllm_omni.kernels.paged_kv import PagedPrefix, gather_prefix
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,22 @@ def check_kv_batch(
     for i, (nq, nk) in enumerate(zip(batch.lens, kv_batch.lens)):
         if nq > 0 and nk + (prefix_lens[i] if prefix_lens else 0) <= 0:
             raise ValueError(f"sequence {i} has {nq} queries but no keys")
+
+
+def tile_rows(
+    batch: SequenceBatch, kv_batch: SequenceBatch, prefix_lens: tuple[int, ...] | None,
+    block_m: int,
+) -> list[tuple[int, ...]]:
+    """The Triton kernel's tile rows with key columns (and with prefix
+    lengths: prefix columns), one per ``block_m`` queries of each sequence:
+    (q start, q len, tile offset, kv start, kv len[, prefix len, sequence])."""
+    rows = []
+    for i, (start, n, kv_start, kv_n) in enumerate(
+        zip(batch.starts, batch.lens, kv_batch.starts, kv_batch.lens)
+    ):
+        extra = () if prefix_lens is None else (prefix_lens[i], i)
+        rows += [(start, n, off, kv_start, kv_n, *extra) for off in range(0, n, block_m)]
+    return rows
 
 
 def bidirectional_attention_reference(
@@ -69,4 +85,25 @@ def bidirectional_attention_reference(
         ki = ki.transpose(0, 1).repeat_interleave(group, dim=0)
         vi = vi.transpose(0, 1).repeat_interleave(group, dim=0)
         out[rows] = F.scaled_dot_product_attention(qi, ki, vi, scale=scale).transpose(0, 1)
+    return out
+
+
+def attention_with_tiles_reference(q, k, v, tiles, scale, kv_cache, block_table) -> torch.Tensor:
+    """What ``paged_attention_with_tiles`` computes, from the same 7-column
+    tile table (``tile_rows`` with prefix lengths; rows with no queries are
+    padding): each sequence's queries attend to its paged prefix and its
+    local keys. Rows of no tile are left unset."""
+    out = torch.empty_like(q)
+    group = q.shape[1] // k.shape[1]
+    for start, n, offset, kv_start, kv_n, prefix_len, seq in tiles.tolist():
+        if n == 0 or offset:  # one pass per sequence, at its first tile
+            continue
+        ki, vi = k[kv_start : kv_start + kv_n], v[kv_start : kv_start + kv_n]
+        if prefix_len:
+            pk, pv = gather_prefix(kv_cache, block_table[seq], prefix_len)
+            ki, vi = torch.cat([pk.to(k.dtype), ki]), torch.cat([pv.to(v.dtype), vi])
+        qi = q[start : start + n].transpose(0, 1)
+        ki = ki.transpose(0, 1).repeat_interleave(group, dim=0)
+        vi = vi.transpose(0, 1).repeat_interleave(group, dim=0)
+        out[start : start + n] = F.scaled_dot_product_attention(qi, ki, vi, scale=scale).transpose(0, 1)
     return out

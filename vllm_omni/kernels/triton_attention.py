@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from vllm_omni.kernels.paged_kv import PagedPrefix, check_kv_cache
-from vllm_omni.kernels.reference import SequenceBatch, check_kv_batch
+from vllm_omni.kernels.reference import SequenceBatch, check_kv_batch, tile_rows
 
 
 @triton.jit
@@ -157,21 +157,6 @@ def _tile_table(batch: SequenceBatch, block_m: int, device: torch.device) -> tor
         for off in range(0, n, block_m)
     ]
     return torch.tensor(rows, dtype=torch.int32).reshape(-1, 3).to(device)
-
-
-def tile_rows(
-    batch: SequenceBatch, kv_batch: SequenceBatch, prefix_lens: tuple[int, ...] | None,
-    block_m: int,
-) -> list[tuple[int, ...]]:
-    """The kernel's tile rows with key columns (and with prefix lengths:
-    prefix columns), one per BLOCK_M queries of each sequence."""
-    rows = []
-    for i, (start, n, kv_start, kv_n) in enumerate(
-        zip(batch.starts, batch.lens, kv_batch.starts, kv_batch.lens)
-    ):
-        extra = () if prefix_lens is None else (prefix_lens[i], i)
-        rows += [(start, n, off, kv_start, kv_n, *extra) for off in range(0, n, block_m)]
-    return rows
 
 
 @lru_cache(maxsize=256)

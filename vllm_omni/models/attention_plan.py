@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_omni.kernels import SequenceBatch, bidirectional_attention
-from vllm_omni.kernels.paged_kv import PagedPrefix, slots_of, write_pages
+from vllm_omni.kernels.paged_kv import PagedPrefix, page_rows_of, slots_of, write_pages
 
 
 class KeyArena:
@@ -64,7 +64,7 @@ class AttentionPlan:
                 rows.append(torch.arange(start, start + s.write_prefix))
                 slots.append(slots_of(s.pages, page_size, s.write_prefix))
         self.write_rows = torch.cat(rows).to(device) if rows else None
-        self.write_slots = torch.cat(slots).to(device) if slots else None
+        self.write_at = page_rows_of(torch.cat(slots).to(device), page_size) if slots else None
 
         # Paged prefixes to read.
         self.prefix_lens = tuple(s.q_start for s in seqs)
@@ -88,7 +88,7 @@ class AttentionPlan:
 
     def attend(self, layer: int, q, k, v, scale: float, kv_cache: torch.Tensor) -> torch.Tensor:
         if self.write_rows is not None:
-            write_pages(kv_cache, self.write_slots, k[self.write_rows], v[self.write_rows])
+            write_pages(kv_cache, self.write_at, k[self.write_rows], v[self.write_rows])
         prefix = None
         if self.block_table is not None:
             prefix = PagedPrefix(kv_cache, self.block_table, self.prefix_lens)

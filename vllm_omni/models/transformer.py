@@ -234,6 +234,10 @@ class DiffusionLM(nn.Module):
         (its layout: ``vllm_omni/kernels/paged_kv.py``)."""
         return self.model.layers[0].self_attn.attn.kv_cache.shape[2]
 
+    def kv_caches(self) -> list[torch.Tensor]:
+        """Each layer's KV cache tensor, in layer order."""
+        return [layer.self_attn.attn.kv_cache for layer in self.model.layers]
+
     def denoise_logits(
         self,
         input_ids: torch.Tensor,
