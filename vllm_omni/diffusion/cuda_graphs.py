@@ -41,9 +41,9 @@ from dataclasses import dataclass
 import torch
 
 from vllm_omni.kernels import attention_with_tiles, tile_block_m
-from vllm_omni.kernels.paged_kv import page_rows_of, slots_of, write_pages
+from vllm_omni.kernels.paged_kv import write_pages
 from vllm_omni.kernels.reference import SequenceBatch, tile_rows
-from vllm_omni.models.attention_plan import KeyArena, SequencePlan
+from vllm_omni.models.attention_plan import KeyArena, SequencePlan, prefix_writes
 
 SEQ_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MAX_GRAPH_TOKENS = 2048
@@ -83,7 +83,7 @@ class StaticPlan:
                   for s, b in zip(seqs, block_starts)]
         if layout == self.layout:
             return
-        queries = SequenceBatch.from_lengths([s.q_end - s.q_start for s in seqs])
+        queries = SequenceBatch.from_lengths([s.num_queries for s in seqs])
         local = SequenceBatch(tuple(s.arena_start + s.q_start for s in seqs),
                               tuple((s.keys_end or s.q_end) - s.q_start for s in seqs))
         rows = tile_rows(queries, local, tuple(s.q_start for s in seqs), self.block_m)
@@ -142,14 +142,15 @@ class StepGraphs:
         self.pool = None
         self.capture_s = 0.0
 
-    def fits(self, seqs: list[SequencePlan], block_lens: list[int]) -> bool:
+    def fits(self, seqs: list[SequencePlan], tokens: int, block_lens: list[int]) -> bool:
         return (len(seqs) <= self.seq_buckets[-1] and len(set(block_lens)) == 1
-                and sum(s.q_end - s.q_start for s in seqs) <= MAX_GRAPH_TOKENS
+                and tokens <= MAX_GRAPH_TOKENS
                 and all(len(s.pages or ()) <= self.max_pages for s in seqs))
 
-    def run(self, seqs: list[SequencePlan], block_starts: list[int], block_len: int):
-        """Logits of every sequence's block rows ([len(seqs) * block_len, vocab])."""
-        tokens = sum(s.q_end - s.q_start for s in seqs)
+    def run(self, seqs: list[SequencePlan], tokens: int, block_starts: list[int],
+            block_len: int):
+        """Logits of every sequence's block rows ([len(seqs) * block_len, vocab])
+        for a forward of ``tokens`` query tokens."""
         key = (next(b for b in self.seq_buckets if b >= len(seqs)), token_bucket(tokens),
                block_len)
         step = self.steps.get(key)
@@ -201,16 +202,10 @@ class StepGraphs:
 def copy_prefix_to_pages(model, arena: KeyArena, seqs: list[SequencePlan]) -> None:
     """After a graphed forward: the keys of each refreshing sequence's prefix
     (``write_prefix`` positions), left in the arena, into its KV pages."""
-    page_size = model.kv_cache_page_size()
-    rows, slots = [], []
-    for s in seqs:
-        if s.write_prefix:
-            rows.append(torch.arange(s.arena_start, s.arena_start + s.write_prefix))
-            slots.append(slots_of(s.pages, page_size, s.write_prefix))
-    if not rows:
+    writes = prefix_writes(seqs, [s.arena_start for s in seqs], model.kv_cache_page_size(),
+                           arena.k.device)
+    if writes is None:
         return
-    device = arena.k.device
-    rows = torch.cat(rows).to(device)
-    at = page_rows_of(torch.cat(slots).to(device), page_size)
+    rows, page_rows = writes
     for layer, kv_cache in enumerate(model.kv_caches()):
-        write_pages(kv_cache, at, arena.k[layer, rows], arena.v[layer, rows])
+        write_pages(kv_cache, page_rows, arena.k[layer, rows], arena.v[layer, rows])

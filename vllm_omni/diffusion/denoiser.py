@@ -238,11 +238,13 @@ class Denoiser:
         for the rows of each job's current block, and whether a CUDA graph
         ran it."""
         seqs = [job.plan(self.model.logit_shift) for job in jobs]
-        self.stats.forward_tokens += sum(s.q_end - s.q_start for s in seqs)
-        graphs = self._graphs_for(jobs, seqs)
+        tokens = sum(s.num_queries for s in seqs)
+        self.stats.forward_tokens += tokens
+        graphs = self._graphs_for(jobs, seqs, tokens)
         if graphs is not None:
             captured = graphs.capture_s
-            logits = graphs.run(seqs, [j.block_start for j in jobs], jobs[0].params.block_length)
+            logits = graphs.run(seqs, tokens, [j.block_start for j in jobs],
+                                jobs[0].params.block_length)
             copy_prefix_to_pages(self.model, self.arena, seqs)
             self.stats.capture_s += graphs.capture_s - captured
             return logits, True
@@ -258,7 +260,7 @@ class Denoiser:
         ).to(self.device)
         return self.model.denoise_logits(input_ids, positions, plan, rows), False
 
-    def _graphs_for(self, jobs: list[BlockJob], seqs):
+    def _graphs_for(self, jobs: list[BlockJob], seqs, tokens: int):
         """The step graphs, if they can run this forward."""
         if not self.use_graphs:
             return None
@@ -266,7 +268,7 @@ class Denoiser:
             max_pages = -(-self.max_model_len // self.page_size()) + 1
             self.graphs = StepGraphs(self.model, self.arena, self.canvases, max_pages,
                                      self.max_num_seqs, self.device, self.capture_graphs)
-        fits = self.graphs.fits(seqs, [j.params.block_length for j in jobs])
+        fits = self.graphs.fits(seqs, tokens, [j.params.block_length for j in jobs])
         return self.graphs if fits else None
 
     @staticmethod

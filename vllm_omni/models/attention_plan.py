@@ -50,21 +50,32 @@ class SequencePlan:
     keys_end: int | None = None  # local keys run to here (None: q_end); > q_end: dual cache
     arena_start: int = 0  # the arena row of position 0
 
+    @property
+    def num_queries(self) -> int:
+        return self.q_end - self.q_start
+
+
+def prefix_writes(seqs: list[SequencePlan], starts, page_size: int, device: torch.device):
+    """Where this forward's prefix keys go: (rows, page_rows) for ``write_pages``,
+    the rows of each sequence's ``write_prefix`` positions counted from its
+    entry of ``starts``, or None when no sequence writes any."""
+    rows, slots = [], []
+    for s, start in zip(seqs, starts):
+        if s.write_prefix:
+            rows.append(torch.arange(start, start + s.write_prefix))
+            slots.append(slots_of(s.pages, page_size, s.write_prefix))
+    if not rows:
+        return None
+    return torch.cat(rows).to(device), page_rows_of(torch.cat(slots).to(device), page_size)
+
 
 class AttentionPlan:
     def __init__(self, seqs: list[SequencePlan], page_size: int, device: torch.device,
                  arena: KeyArena | None = None):
         self.seqs = seqs
-        self.queries = SequenceBatch.from_lengths([s.q_end - s.q_start for s in seqs])
-
-        # Rows this forward writes to the paged cache, and their slots.
-        rows, slots = [], []
-        for s, start in zip(seqs, self.queries.starts):
-            if s.write_prefix:
-                rows.append(torch.arange(start, start + s.write_prefix))
-                slots.append(slots_of(s.pages, page_size, s.write_prefix))
-        self.write_rows = torch.cat(rows).to(device) if rows else None
-        self.write_at = page_rows_of(torch.cat(slots).to(device), page_size) if slots else None
+        self.queries = SequenceBatch.from_lengths([s.num_queries for s in seqs])
+        # Packed query rows this forward writes to the paged cache.
+        self.writes = prefix_writes(seqs, self.queries.starts, page_size, device)
 
         # Paged prefixes to read.
         self.prefix_lens = tuple(s.q_start for s in seqs)
@@ -87,8 +98,9 @@ class AttentionPlan:
             )
 
     def attend(self, layer: int, q, k, v, scale: float, kv_cache: torch.Tensor) -> torch.Tensor:
-        if self.write_rows is not None:
-            write_pages(kv_cache, self.write_at, k[self.write_rows], v[self.write_rows])
+        if self.writes is not None:
+            rows, page_rows = self.writes
+            write_pages(kv_cache, page_rows, k[rows], v[rows])
         prefix = None
         if self.block_table is not None:
             prefix = PagedPrefix(kv_cache, self.block_table, self.prefix_lens)
