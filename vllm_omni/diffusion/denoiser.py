@@ -28,18 +28,22 @@ alone is longer), and the arena, one row per canvas position of a group,
 is sized to the budget (or one canvas) and allocated while vLLM profiles
 memory, so the KV cache is sized around it.
 
-Under tensor parallelism every rank runs this loop on the same (all-gathered)
-logits; after each step the first rank's blocks are broadcast so no rank can
-commit a different position or token.
+Under tensor parallelism every rank runs this loop on the same (all-gathered,
+bit-identical) logits, so deterministic commits (greedy, or drawn from the
+request's own seeded generator, which every rank seeds alike) are identical on
+every rank by construction; only a step with a job that draws from the global
+RNG broadcasts the first rank's blocks (``docs/architecture/overview.md``).
 """
 
 import time
+import zlib
+from array import array
 from dataclasses import asdict, dataclass
 
 import torch
 from vllm.distributed import get_tensor_model_parallel_world_size, get_tp_group
 
-from vllm_omni.diffusion.algorithms import ALGORITHMS
+from vllm_omni.diffusion.algorithms import ALGORITHMS, draws_random, ends_on_schedule
 from vllm_omni.diffusion.cuda_graphs import StepGraphs, copy_prefix_to_pages
 from vllm_omni.diffusion.params import DiffusionParams
 from vllm_omni.models.attention_plan import AttentionPlan, KeyArena, SequencePlan
@@ -90,7 +94,10 @@ class StepStats:
     """Where the denoising loop's time goes. A step is one batched forward
     plus the commit of every job in it. ``host_s``: from a step's start until
     its last kernel is queued (Python, vLLM's layers, kernel launches), i.e.
-    the host-side cost; ``wall_s``: until its result is on the host. host_s
+    the host-side cost; ``wall_s``: until the host moves on, which is after
+    the result is on the host where the step looks at the blocks (and for
+    steps that need no look, right away: ``wall_s`` then also counts the
+    final copy of the blocks, which waits for their last steps). host_s
     close to wall_s means the GPU waits on the host. The ``graph_`` fields
     count the subset of steps whose forward ran through the step graphs
     (``cuda_graphs.py``: a replay, or in tests off the GPU its static forward)."""
@@ -103,6 +110,9 @@ class StepStats:
     graph_host_s: float = 0.0
     graph_wall_s: float = 0.0
     capture_s: float = 0.0  # capturing graphs (inside the steps' times)
+    # CRC-32 of every block this rank decided, in order: under tensor
+    # parallelism equal on every rank (tests/test_parallel.py).
+    blocks_crc: int = 0
 
     def record(self, graphed: bool, host_s: float, wall_s: float) -> None:
         self.steps += 1
@@ -136,7 +146,7 @@ class Denoiser:
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         # Graphs of small groups' forwards (``cuda_graphs.py``).
-        self.use_graphs = cuda_graphs and device.type == "cuda" and self.tp_size == 1
+        self.use_graphs = cuda_graphs and device.type == "cuda"
         self.capture_graphs = True
         self.graphs = None  # a StepGraphs, built on first need
 
@@ -165,17 +175,14 @@ class Denoiser:
         return self.model.kv_cache_page_size()
 
     def allocate_arena(self) -> KeyArena:
-        """The key arena and the canvas rows, allocated on first need (the
-        runner calls this while vLLM profiles memory, so the KV cache is sized
-        around them)."""
+        """The key arena, allocated on first need (the runner calls this while
+        vLLM profiles memory, so the KV cache is sized around it). Its
+        contents live for one engine step, so sleep mode may discard it."""
         if self.arena is None:
             attn = self.model.model.layers[0].self_attn
             self.arena = KeyArena(len(self.model.model.layers), self.arena_rows,
                                   attn.num_kv_heads, attn.head_dim,
                                   self.model.lm_head.weight.dtype, self.device)
-            # Zeros: the spare row is a valid token id for padded graph rows.
-            self.canvases = torch.zeros(self.arena_rows + 1, dtype=torch.long,
-                                        device=self.device)
         return self.arena
 
     def set_step_graphs(self, enabled: bool, capture: bool = True) -> None:
@@ -199,8 +206,11 @@ class Denoiser:
         for group in groups:
             self._decode(group)
             decided.append(torch.cat([job.block for job in group]))
-        # One device-to-host copy for all blocks.
+        # One device-to-host copy for all blocks (it waits for the last step).
+        start = time.perf_counter()
         blocks = torch.cat(decided).tolist()
+        self.stats.wall_s += time.perf_counter() - start
+        self.stats.blocks_crc = zlib.crc32(array("q", blocks).tobytes(), self.stats.blocks_crc)
         out, offset = {}, 0
         for job in jobs:
             out[job.req_id] = blocks[offset : offset + job.params.block_length]
@@ -209,6 +219,12 @@ class Denoiser:
 
     def _decode(self, jobs: list[BlockJob]) -> None:
         self.allocate_arena()
+        if self.canvases is None:
+            # Zeros: the spare row is a valid token id for padded graph rows.
+            # Allocated here, outside vLLM's sleep-mode pools, so it is never
+            # discarded (a few bytes per arena row).
+            self.canvases = torch.zeros(self.arena_rows + 1, dtype=torch.long,
+                                        device=self.device)
         offset = 0
         for job in jobs:  # position p of a job's canvas: arena row arena_start + p
             job.arena_start = offset
@@ -225,12 +241,17 @@ class Denoiser:
                 n = job.params.block_length
                 self._step(job, logits[offset : offset + n])
                 offset += n
-            if self.tp_size > 1:
+            if self.tp_size > 1 and any(_draws_global_rng(j) for j in active):
                 self._agree(active)
-            # One device sync for the whole batch, not one per request.
-            unfinished = torch.stack([(j.block == self.mask_token_id).any() for j in active])
             issued = time.perf_counter()
-            active = [j for j, more in zip(active, unfinished.tolist()) if more]
+            if all(ends_on_schedule(j.params) for j in active):
+                # No look at the device: the host queues the next step while
+                # the GPU runs this one (the blocks' copy in ``run`` waits).
+                active = [j for j in active if j.step < j.params.steps_per_block]
+            else:
+                # One device sync for the whole batch, not one per request.
+                unfinished = torch.stack([(j.block == self.mask_token_id).any() for j in active])
+                active = [j for j, more in zip(active, unfinished.tolist()) if more]
             self.stats.record(graphed, issued - start, time.perf_counter() - start)
 
     def _forward(self, jobs: list[BlockJob]) -> tuple[torch.Tensor, bool]:
@@ -277,6 +298,11 @@ class Denoiser:
         for job, block in zip(jobs, blocks.split([j.params.block_length for j in jobs])):
             job.block.copy_(block)
 
+    def release_graphs(self) -> None:
+        """Drop the step graphs and their memory pool (recaptured on next
+        need), e.g. before the engine sleeps."""
+        self.graphs = None
+
     def _step(self, job: BlockJob, logits: torch.Tensor) -> None:
         block = job.block
         commit = ALGORITHMS[job.params.algorithm]
@@ -285,3 +311,9 @@ class Denoiser:
         )
         block[positions] = tokens
         job.step += 1
+
+
+def _draws_global_rng(job: BlockJob) -> bool:
+    """Whether the job's commit draws random numbers from the device's global
+    generator (no seed of its own), which need not agree across ranks."""
+    return job.generator is None and draws_random(job.params)

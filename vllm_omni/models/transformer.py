@@ -161,13 +161,19 @@ class DecoderLayer(nn.Module):
         )
         self.mlp = SwiGLU(shape, f"{prefix}.mlp")
 
-    def forward(self, positions, hidden_states, plan):
-        # Plain pre-norm residual blocks, written out (no fused add+norm) so
-        # the float32 arithmetic follows the reference implementations.
-        h = self.self_attn(positions, self.input_layernorm(hidden_states), plan)
-        hidden_states = hidden_states + h
-        h = self.mlp(self.post_attention_layernorm(hidden_states))
-        return hidden_states + h
+    def forward(self, positions, hidden_states, residual, plan):
+        # Pre-norm residual blocks with each residual add fused into the next
+        # norm (vLLM's RMSNorm(x, residual)): one kernel instead of two, the
+        # same float32 arithmetic (the add, then the norm of the sum). The
+        # caller adds the last sublayer's output in the final norm.
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(positions, hidden_states, plan)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.mlp(hidden_states), residual
 
 
 class BidirectionalTransformer(nn.Module):
@@ -181,10 +187,10 @@ class BidirectionalTransformer(nn.Module):
         self.norm = RMSNorm(shape.hidden_size, eps=shape.rms_norm_eps)
 
     def forward(self, input_ids, positions, plan: AttentionPlan | None):
-        hidden_states = self.embed_tokens(input_ids)
+        hidden_states, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            hidden_states = layer(positions, hidden_states, plan)
-        return self.norm(hidden_states)
+            hidden_states, residual = layer(positions, hidden_states, residual, plan)
+        return self.norm(hidden_states, residual)[0]
 
 
 class DiffusionLM(nn.Module):

@@ -1,9 +1,14 @@
 """``DiffusionGPUWorker``: vLLM's GPU ``Worker`` with our V1 model runner."""
 
+import functools
+
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.gpu_worker import Worker
 
 from vllm_omni.worker.runner import DiffusionRunnerMixin
+
+# The sleep-mode pool of the denoiser's key arena (``docs/architecture/overview.md``).
+SCRATCH_TAG = "diffusion_scratch"
 
 
 class DiffusionGPUModelRunner(DiffusionRunnerMixin, GPUModelRunner):
@@ -19,6 +24,23 @@ class DiffusionGPUWorker(Worker):
         super().init_device()
         if not self.use_v2_model_runner:
             self.model_runner = DiffusionGPUModelRunner(self.vllm_config, self.device)
+            # Sleep mode discards every pool but the weights'; the
+            # denoiser's key arena holds per-step scratch, so it gets a pool
+            # of its own (a second "kv_cache" pool would drop vLLM's
+            # reference to the first).
+            self.model_runner.scratch_memory_pool = functools.partial(
+                self._maybe_get_memory_pool_context, tag=SCRATCH_TAG)
+
+    def sleep(self, level: int = 1) -> None:
+        if isinstance(self.model_runner, DiffusionGPUModelRunner):
+            self.model_runner.release_step_graphs()
+        super().sleep(level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        # The arena is scratch beside the KV cache: it wakes with it.
+        if tags is not None and "kv_cache" in tags:
+            tags = [*tags, SCRATCH_TAG]
+        super().wake_up(tags)
 
     def diffusion_step_stats(self, reset: bool = False) -> dict:
         return self.model_runner.diffusion_step_stats(reset)

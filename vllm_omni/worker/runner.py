@@ -13,6 +13,10 @@ as input once, which is when the next block is decoded.
 Models that are not diffusion LMs take vLLM's own path untouched.
 """
 
+import contextlib
+import gc
+
+import torch
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
 from vllm_omni.diffusion.denoiser import Denoiser, StepStats
@@ -42,13 +46,29 @@ class DiffusionRunnerMixin:
             self.diffusion_defaults = additional.get("diffusion", {})
             self.diffusion_params: dict[str, DiffusionParams] = {}
 
+    # The worker's sleep-mode pool for per-step scratch memory (discarded
+    # while asleep); none by default.
+    scratch_memory_pool = staticmethod(contextlib.nullcontext)
+
     def profile_run(self) -> None:
         """vLLM sizes its KV cache from the peak memory of this run. The
         denoiser's key arena (dual-cache suffix keys, one token budget) is
         allocated here, so that peak includes it."""
         if self.denoiser is not None:
-            self.denoiser.allocate_arena()
+            with self.scratch_memory_pool():
+                self.denoiser.allocate_arena()
         return super().profile_run()
+
+    def release_step_graphs(self) -> None:
+        """Before sleep: drop the denoiser's CUDA graphs (recaptured on next
+        need) and return cached blocks to the device. Under tensor
+        parallelism the graphs stay: vLLM's custom all-reduce has registered
+        their buffers with the peer ranks for the life of the process
+        (``docs/architecture/overview.md``, Sleep mode)."""
+        if self.denoiser is not None and self.parallel_config.tensor_parallel_size == 1:
+            self.denoiser.release_graphs()
+        gc.collect()
+        torch.cuda.empty_cache()
 
     def execute_model(self, scheduler_output, intermediate_tensors=None):
         if self.denoiser is None:

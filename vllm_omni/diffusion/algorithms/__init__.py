@@ -18,3 +18,21 @@ ALGORITHMS = {
     "entropy": dream.entropy,
     "origin": dream.origin,
 }
+
+# Algorithms that draw random numbers even at temperature 0.
+_RANDOM_ALGORITHMS = ("random", "origin")
+
+
+def draws_random(params) -> bool:
+    """Whether a step of this request draws random numbers (sampling at
+    temperature > 0, a random ranking, or Dream's sampled positions)."""
+    return (params.temperature > 0 or params.algorithm in _RANDOM_ALGORITHMS
+            or params.alg_temp > 0)
+
+
+def ends_on_schedule(params) -> bool:
+    """Whether a block takes exactly ``steps_per_block`` steps, whatever the
+    logits: LLaDA's quota schedule without a threshold commits a fixed number
+    of positions per step (the reference runs a fixed number of steps too).
+    The denoiser then needs no look at the block to know it is done."""
+    return params.algorithm in ("low_confidence", "random") and params.threshold is None
