@@ -14,8 +14,10 @@ from conftest import ASSETS, generate_llada_cases, golden_cases, start_engine
 
 GiB = 1 << 30
 # What a sleeping engine process may still hold on the device: its CUDA
-# context, cuBLAS/NCCL workspaces and vLLM's own bookkeeping tensors.
-ASLEEP_MAX_BYTES = 1.5 * GiB
+# context with the kernels it loaded, library workspaces and vLLM's own
+# bookkeeping tensors (2.5-2.7 GiB seen on an H200 with this test's engine,
+# 1.3-1.5 GiB with the 8B one of benchmarks/sleep_memory.py).
+ASLEEP_MAX_BYTES = 3 * GiB
 
 
 @pytest.fixture(scope="module")
