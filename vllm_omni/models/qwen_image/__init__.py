@@ -1,0 +1,1 @@
+"""Qwen-Image (diffusers QwenImagePipeline) ported to run inside vLLM's model runner."""
