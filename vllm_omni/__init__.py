@@ -23,3 +23,24 @@ def register() -> None:
             family.model_type, getattr(module, family.config_class), exist_ok=True
         )
         MODELS_CONFIG_MAP.setdefault(family.architecture, DiffusionEngineConfig)
+    _register_image_models()
+
+
+def _register_image_models() -> None:
+    """Qwen-Image from a diffusers folder: its config format, its model class
+    and its engine settings (``docs/architecture/images.md``)."""
+    from vllm import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+    from vllm.transformers_utils.config import get_config_parser, register_config_parser
+
+    from vllm_omni.engine_config import ImageEngineConfig
+    from vllm_omni.models.qwen_image import config
+
+    try:
+        get_config_parser(config.CONFIG_FORMAT)
+    except ValueError:
+        register_config_parser(config.CONFIG_FORMAT)(config.QwenImageConfigParser)
+    if config.ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(config.ARCHITECTURE,
+                                     "vllm_omni.models.qwen_image.model:QwenImagePipeline")
+    MODELS_CONFIG_MAP.setdefault(config.ARCHITECTURE, ImageEngineConfig)

@@ -22,6 +22,7 @@ in the front end, before the engine processes start:
 """
 
 import os
+from pathlib import Path
 
 from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
@@ -107,3 +108,37 @@ def _check_worker(parallel_config, architecture: str) -> None:
             f"{architecture} is a diffusion model: start vLLM with "
             f"worker_cls={GPU_WORKER!r} (--worker-cls {GPU_WORKER}); got {worker!r}."
         )
+
+
+class ImageEngineConfig(VerifyAndUpdateConfig):
+    """Engine settings for image models (``models/qwen_image/``): an
+    attention-free pooling model that turns each request's prompt into an
+    image inside one engine step (``docs/architecture/images.md``)."""
+
+    @staticmethod
+    def verify_and_update_model_config(model_config) -> None:
+        # A diffusers folder keeps its tokenizer in a subfolder. This hook runs
+        # before any process loads the tokenizer.
+        tokenizer = Path(model_config.model) / "tokenizer"
+        if model_config.tokenizer == model_config.model and tokenizer.is_dir():
+            model_config.tokenizer = str(tokenizer)
+
+    @staticmethod
+    def verify_and_update_config(vllm_config) -> None:
+        model_config = vllm_config.model_config
+        _check_worker(vllm_config.parallel_config, model_config.architecture)
+        if vllm_config.parallel_config.pipeline_parallel_size > 1:
+            raise ValueError(
+                f"pipeline_parallel_size={vllm_config.parallel_config.pipeline_parallel_size} "
+                "is not supported for image models: the whole denoising loop runs inside one "
+                "engine step. Use tensor_parallel_size (or data_parallel_size) instead.")
+        vllm_config.cache_config.enable_prefix_caching = False
+        vllm_config.scheduler_config.async_scheduling = False
+        sched = vllm_config.scheduler_config
+        # vLLM schedules an attention-free model's prompt in one piece (no
+        # chunked prefill): the budget must hold the longest prompt.
+        if sched.max_num_batched_tokens < model_config.max_model_len:
+            logger.info("vllm_omni: max_num_batched_tokens raised to max_model_len (%d): an "
+                        "image prompt is scheduled whole.", model_config.max_model_len)
+            sched.max_num_batched_tokens = model_config.max_model_len
+        model_config.enforce_eager = True  # vLLM's graphs capture a forward this model skips

@@ -57,7 +57,8 @@ class TransformerShape:
 
 class DenoiseAttention(nn.Module):
     def __init__(
-        self, shape: TransformerShape, vllm_config: VllmConfig, prefix: str, layer_idx: int
+        self, shape: TransformerShape, vllm_config: VllmConfig, prefix: str, layer_idx: int,
+        paged_kv: bool = True,
     ):
         super().__init__()
         self.layer_idx = layer_idx
@@ -92,8 +93,9 @@ class DenoiseAttention(nn.Module):
             is_neox_style=True,
         )
         # vLLM's paged attention: it owns this layer's KV cache and serves
-        # the standard forward (profiling, warm-up).
-        self.attn = PagedAttention(
+        # the standard forward (profiling, warm-up). A stack that always runs
+        # with a plan and keeps no KV (a text encoder) has none.
+        self.attn = None if not paged_kv else PagedAttention(
             self.num_heads,
             self.head_dim,
             self.scale,
@@ -120,7 +122,8 @@ class DenoiseAttention(nn.Module):
                 k.view(-1, self.num_kv_heads, self.head_dim),
                 v.view(-1, self.num_kv_heads, self.head_dim),
                 self.scale,
-                self.attn.kv_cache,  # bound by vLLM once it allocates the KV cache
+                # bound by vLLM once it allocates the KV cache
+                None if self.attn is None else self.attn.kv_cache,
             ).reshape(-1, self.q_size)
         out, _ = self.o_proj(out)
         return out
@@ -151,11 +154,13 @@ class SwiGLU(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(
-        self, shape: TransformerShape, vllm_config: VllmConfig, prefix: str, layer_idx: int
+        self, shape: TransformerShape, vllm_config: VllmConfig, prefix: str, layer_idx: int,
+        paged_kv: bool = True,
     ):
         super().__init__()
         self.input_layernorm = RMSNorm(shape.hidden_size, eps=shape.rms_norm_eps)
-        self.self_attn = DenoiseAttention(shape, vllm_config, f"{prefix}.self_attn", layer_idx)
+        self.self_attn = DenoiseAttention(shape, vllm_config, f"{prefix}.self_attn", layer_idx,
+                                          paged_kv)
         self.post_attention_layernorm = RMSNorm(
             shape.hidden_size, eps=shape.rms_norm_eps
         )
@@ -177,11 +182,15 @@ class DecoderLayer(nn.Module):
 
 
 class BidirectionalTransformer(nn.Module):
-    def __init__(self, shape: TransformerShape, vllm_config: VllmConfig, prefix: str):
+    """The stack; attention as the forward's plan says (``paged_kv=False``:
+    no vLLM KV cache, every forward has a plan)."""
+
+    def __init__(self, shape: TransformerShape, vllm_config: VllmConfig, prefix: str,
+                 paged_kv: bool = True):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(shape.vocab_size, shape.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(shape, vllm_config, f"{prefix}.layers.{i}", i)
+            DecoderLayer(shape, vllm_config, f"{prefix}.layers.{i}", i, paged_kv)
             for i in range(shape.num_layers)
         )
         self.norm = RMSNorm(shape.hidden_size, eps=shape.rms_norm_eps)

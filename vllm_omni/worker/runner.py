@@ -20,18 +20,23 @@ import torch
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
 from vllm_omni.diffusion.denoiser import Denoiser, StepStats
+from vllm_omni.diffusion.image_denoiser import ImageDenoiser, ImageJob, ImageParams
 from vllm_omni.diffusion.params import DiffusionParams, resolve_params
 from vllm_omni.engine_config import CUDA_GRAPHS_KEY
 from vllm_omni.models import FAMILIES
+from vllm_omni.models.qwen_image.model import QwenImagePipeline
 from vllm_omni.models.transformer import DiffusionLM
 
 
 class DiffusionRunnerMixin:
     denoiser: Denoiser | None = None
+    image_denoiser: ImageDenoiser | None = None
 
     def load_model(self, *args, **kwargs) -> None:
         super().load_model(*args, **kwargs)
         model = self.get_model()
+        if isinstance(model, QwenImagePipeline):
+            self.image_denoiser = ImageDenoiser(model, self.device)
         if isinstance(model, DiffusionLM):
             additional = self.vllm_config.additional_config or {}
             self.denoiser = Denoiser(
@@ -57,7 +62,21 @@ class DiffusionRunnerMixin:
         if self.denoiser is not None:
             with self.scratch_memory_pool():
                 self.denoiser.allocate_arena()
+        if self.image_denoiser is not None:
+            return None  # no KV cache to size; vLLM's dummy forward is not ours
         return super().profile_run()
+
+    def _dummy_run(self, *args, **kwargs):
+        # vLLM's warm-up runs its standard forward at many sizes, which an
+        # image model never runs (the pipeline is ``image_denoiser.py``).
+        if self.image_denoiser is not None:
+            return None, None
+        return super()._dummy_run(*args, **kwargs)
+
+    def _dummy_pooler_run(self, *args, **kwargs):
+        if self.image_denoiser is not None:
+            return None
+        return super()._dummy_pooler_run(*args, **kwargs)
 
     def release_step_graphs(self) -> None:
         """Before sleep: drop the denoiser's CUDA graphs (recaptured on next
@@ -71,6 +90,8 @@ class DiffusionRunnerMixin:
         torch.cuda.empty_cache()
 
     def execute_model(self, scheduler_output, intermediate_tensors=None):
+        if self.image_denoiser is not None:
+            return self._execute_images(scheduler_output)
         if self.denoiser is None:
             return super().execute_model(scheduler_output, intermediate_tensors)
         self._update_states(scheduler_output)
@@ -109,6 +130,28 @@ class DiffusionRunnerMixin:
             req_ids=req_ids,
             req_id_to_index=dict(self.input_batch.req_id_to_index),
             sampled_token_ids=sampled,
+        )
+
+    def _execute_images(self, scheduler_output):
+        """Every request scheduled in this step gets its image: vLLM hands an
+        attention-free pooling model each prompt whole, once, and finishes the
+        request on its first ``pooler_output``."""
+        self._update_states(scheduler_output)
+        if not scheduler_output.total_num_scheduled_tokens:
+            return EMPTY_MODEL_RUNNER_OUTPUT
+        req_ids = list(self.input_batch.req_ids)
+        jobs = []
+        for req_id in req_ids:
+            if scheduler_output.num_scheduled_tokens.get(req_id):
+                state = self.requests[req_id]
+                params = ImageParams.from_extra_kwargs(state.pooling_params.extra_kwargs or {})
+                jobs.append(ImageJob(req_id, list(state.prompt_token_ids), params))
+        images = self.image_denoiser.run(jobs)
+        return ModelRunnerOutput(
+            req_ids=req_ids,
+            req_id_to_index=dict(self.input_batch.req_id_to_index),
+            sampled_token_ids=[[] for _ in req_ids],
+            pooler_output=[images.get(req_id) for req_id in req_ids],
         )
 
     def diffusion_step_stats(self, reset: bool = False) -> dict:

@@ -1,0 +1,101 @@
+"""Qwen-Image through a real vLLM engine against diffusers' own outputs
+(tests/qwen_image/golden, recorded by tests/qwen_image/record_golden.py from
+``QwenImagePipeline`` on the tiny checkpoint), float32 on CPU: the images
+(max abs pixel difference <= 1e-4), and since a tiny random model barely
+listens to its prompt, also the prompt embeddings after the template drop and
+the latents after every step (<= 1e-5). Requests carry the prompt token ids
+diffusers tokenized and the knobs as the IO processor sends them
+(``PoolingParams.extra_kwargs``), so this engine runs without the IO
+processor (``hf_overrides``), whose own parsing and tokenization are tested
+in tests/test_image_requests.py."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from vllm.pooling_params import PoolingParams
+
+from conftest import ASSETS, REPO, start_engine
+
+GOLDEN = REPO / "tests" / "qwen_image" / "golden"
+META = json.loads((GOLDEN / "cases.json").read_text())
+TENSORS = load_file(GOLDEN / "golden.safetensors")
+# Single-prompt cases. A diffusers batch (c11) draws both images' noise from
+# one generator, which per-request seeds cannot reproduce.
+CASES = [c for c in META["cases"] if c["batch_size"] == 1]
+
+
+def request(case):
+    neg = TENSORS.get(f"{case['id']}/negative_input_ids")
+    prompt = {"prompt_token_ids": TENSORS[f"{case['id']}/prompt_input_ids"][0].tolist()}
+    extra = {"height": case["height"], "width": case["width"],
+             "num_inference_steps": case["num_inference_steps"],
+             "true_cfg_scale": case["true_cfg_scale"], "seed": case["seed"],
+             "negative_prompt_token_ids": None if neg is None else neg[0].tolist()}
+    return prompt, PoolingParams(task="plugin", extra_kwargs=extra)
+
+
+def golden_image(case) -> torch.Tensor:
+    return TENSORS[f"{case['id']}/image"][0].permute(1, 2, 0)  # [H, W, 3], as "np"
+
+
+def generate(llm, cases):
+    prompts, params = zip(*(request(c) for c in cases))
+    outs = llm.encode(list(prompts), pooling_params=list(params), pooling_task="plugin",
+                      use_tqdm=False)
+    return [o.outputs.data for o in outs]
+
+
+@pytest.fixture(scope="module")
+def image_llm():
+    llm = start_engine(str(ASSETS / "qwen-image-tiny"), config_format="qwen_image",
+                       max_model_len=None, hf_overrides={"io_processor_plugin": None})
+    yield llm
+    del llm
+
+
+def test_every_case_in_one_batch_matches_diffusers(image_llm):
+    assert len(CASES) >= 10
+    for case, image in zip(CASES, generate(image_llm, CASES)):
+        want = golden_image(case)
+        assert image.dtype == torch.float32 and image.shape == want.shape, case["id"]
+        assert (image - want).abs().max().item() <= 1e-4, case["id"]
+
+
+def test_one_request_at_a_time_matches_diffusers(image_llm):
+    for case in CASES[::3]:
+        (image,) = generate(image_llm, [case])
+        assert (image - golden_image(case)).abs().max().item() <= 1e-4, case["id"]
+
+
+def _set_trace(worker, on: bool):
+    worker.model_runner.image_denoiser.trace = {} if on else None
+
+
+def _get_trace(worker):
+    return worker.model_runner.image_denoiser.trace
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c["do_true_cfg"]][:2] + CASES[:1],
+                         ids=lambda c: c["id"])
+def test_embeddings_and_latents_after_every_step_match_diffusers(image_llm, case):
+    image_llm.collective_rpc(_set_trace, args=(True,))
+    try:
+        generate(image_llm, [case])
+        (trace,) = image_llm.collective_rpc(_get_trace)[0].values()
+    finally:
+        image_llm.collective_rpc(_set_trace, args=(False,))
+    key = case["id"]
+    torch.testing.assert_close(trace["embeds"][0], TENSORS[f"{key}/prompt_embeds"][0],
+                               rtol=0, atol=1e-5)
+    if case["do_true_cfg"]:
+        torch.testing.assert_close(trace["neg_embeds"][0], TENSORS[f"{key}/negative_embeds"][0],
+                                   rtol=0, atol=1e-5)
+    else:
+        assert "neg_embeds" not in trace
+    latents = torch.stack(trace["latents"])  # initial, then after each step
+    torch.testing.assert_close(latents[0], TENSORS[f"{key}/latents_init"][0], rtol=0, atol=1e-5)
+    want = TENSORS[f"{key}/latents"][:, 0]  # [steps, tokens, channels]
+    assert latents.shape[0] == case["num_inference_steps"] + 1
+    torch.testing.assert_close(latents[1:], want, rtol=0, atol=1e-5)

@@ -1,0 +1,161 @@
+"""The image denoising loop: every ready image request of an engine step,
+from prompt tokens to pixels, as diffusers' ``QwenImagePipeline.__call__``
+computes it for each request alone.
+
+Per request (``ImageJob``): its templated prompt (and negative prompt) are
+encoded, its noise is drawn from a CPU generator seeded with its seed (as the
+pipeline draws it with ``torch.Generator("cpu")``), and its flow-match
+schedule follows its own size and step count. Then the requests step
+together: each forward packs, for every unfinished request, its conditional
+sequence and (with true CFG) its unconditional one as variable-length
+sequences (``JointBatch``), so sizes, step counts and guidance settings mix
+freely and nothing is padded. After the forward each request combines its
+two predictions (norm-rescaled CFG), takes its Euler step, and when its
+schedule ends its latents go through the VAE decoder. Requests leave the loop
+as they finish; the whole loop runs inside one engine step (vLLM hands an
+attention-free pooling model each prompt once), so a request that arrives
+meanwhile waits for the next step (``docs/architecture/images.md``).
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from vllm_omni.diffusion.flow_match import euler_step, schedule
+from vllm_omni.models.qwen_image.pipeline_math import (combine_true_cfg, denormalize_latents,
+                                                       image_seq_len, initial_noise,
+                                                       latent_size,
+                                                       postprocess_image, transformer_timestep,
+                                                       unpack_latents)
+from vllm_omni.models.qwen_image.transformer import JointBatch
+
+
+@dataclass(frozen=True)
+class ImageParams:
+    """A request's knobs, as the IO processor put them in
+    ``PoolingParams.extra_kwargs`` (already validated there)."""
+
+    height: int
+    width: int
+    num_inference_steps: int
+    true_cfg_scale: float
+    seed: int
+    negative_prompt_token_ids: tuple[int, ...] | None = None
+
+    @classmethod
+    def from_extra_kwargs(cls, extra: dict) -> "ImageParams":
+        neg = extra.get("negative_prompt_token_ids")
+        return cls(int(extra["height"]), int(extra["width"]), int(extra["num_inference_steps"]),
+                   float(extra["true_cfg_scale"]), int(extra["seed"]),
+                   None if neg is None else tuple(neg))
+
+    @property
+    def true_cfg(self) -> bool:
+        # The pipeline's condition: a scale above 1 and a negative prompt.
+        return self.true_cfg_scale > 1 and self.negative_prompt_token_ids is not None
+
+
+@dataclass
+class ImageJob:
+    req_id: str
+    prompt_token_ids: list[int]
+    params: ImageParams
+    step: int = 0
+    # Set when the loop starts: packed latents [tokens, 4 * channels], the
+    # schedule, the text embeddings (negative ones with true CFG).
+    latents: torch.Tensor | None = None
+    timesteps: torch.Tensor | None = None
+    sigmas: list[float] = field(default_factory=list)
+    embeds: torch.Tensor | None = None
+    neg_embeds: torch.Tensor | None = None
+
+
+class ImageDenoiser:
+    # When a dict: each request's text embeddings and latents (initial, then
+    # after every step) are copied to the CPU under its id, for tests that
+    # compare them with diffusers' (set through ``LLM.collective_rpc``).
+    trace: dict | None = None
+
+    def __init__(self, model, device: torch.device):
+        self.model = model
+        self.device = device
+        self.dtype = model.transformer.img_in.weight.dtype
+        self.vsf = model.vae_scale_factor
+        self.channels = model.transformer.cfg.in_channels // 4
+
+    def run(self, jobs: list[ImageJob]) -> dict[str, torch.Tensor]:
+        """Each job's image: float32 [height, width, 3] in [0, 1], on the CPU."""
+        if not jobs:
+            return {}
+        self._start(jobs)
+        images, active = {}, list(jobs)
+        while active:
+            self._step(active)
+            done = [j for j in active if j.step == j.params.num_inference_steps]
+            for job in done:
+                images[job.req_id] = self._decode(job)
+            active = [j for j in active if j.step < j.params.num_inference_steps]
+        return images
+
+    def _start(self, jobs: list[ImageJob]) -> None:
+        prompts = [j.prompt_token_ids for j in jobs]
+        prompts += [list(j.params.negative_prompt_token_ids) for j in jobs if j.params.true_cfg]
+        embeds = self.model.text_encoder.encode(prompts, self.device)
+        negatives = iter(embeds[len(jobs):])
+        for job, emb in zip(jobs, embeds):
+            p = job.params
+            job.embeds = emb.to(self.dtype)
+            job.neg_embeds = next(negatives).to(self.dtype) if p.true_cfg else None
+            generator = torch.Generator("cpu").manual_seed(p.seed)
+            job.latents = initial_noise(generator, self.channels, p.height, p.width, self.vsf,
+                                        self.dtype, self.device)[0]
+            job.timesteps, sigmas = schedule(
+                self.model.scheduler_config, p.num_inference_steps,
+                image_seq_len(p.height, p.width, self.vsf), device=self.device)
+            job.sigmas = sigmas
+            job.step = 0
+            self._record(job, embeds=job.embeds, neg_embeds=job.neg_embeds, latents=job.latents)
+
+    def _step(self, jobs: list[ImageJob]) -> None:
+        """One forward for every job's sequences, then each job's step."""
+        img, txt, times, txt_lens, shapes = [], [], [], [], []
+        for job in jobs:
+            t = transformer_timestep(job.timesteps[job.step : job.step + 1], self.dtype)
+            h, w = latent_size(job.params.height, job.params.width, self.vsf)
+            grid = (1, h // 2, w // 2)  # 2x2 latent patches per image token
+            for emb in (job.embeds, job.neg_embeds):
+                if emb is None:
+                    continue
+                img.append(job.latents)
+                txt.append(emb)
+                times.append(t)
+                txt_lens.append(len(emb))
+                shapes.append(grid)
+        out = self.model.transformer(torch.cat(img), torch.cat(txt), torch.cat(times),
+                                     JointBatch(tuple(txt_lens), tuple(shapes)))
+        preds = iter(out.split([len(x) for x in img]))
+        for job in jobs:
+            pred = next(preds)
+            if job.neg_embeds is not None:
+                pred = combine_true_cfg(pred, next(preds), job.params.true_cfg_scale)
+            i = job.step
+            job.latents = euler_step(job.latents, pred, job.sigmas[i], job.sigmas[i + 1])
+            job.step += 1
+            self._record(job, latents=job.latents)
+
+    def _record(self, job: ImageJob, **tensors) -> None:
+        if self.trace is None:
+            return
+        entry = self.trace.setdefault(job.req_id, {})
+        for name, value in tensors.items():
+            if value is not None:
+                entry.setdefault(name, []).append(value.detach().cpu().clone())
+
+    def _decode(self, job: ImageJob) -> torch.Tensor:
+        p = job.params
+        latents = unpack_latents(job.latents[None], p.height, p.width, self.vsf)
+        vae_dtype = next(self.model.vae.parameters()).dtype
+        z = denormalize_latents(latents, self.model.latents_mean, self.model.latents_std,
+                                vae_dtype)
+        image = self.model.vae.decode(z)[:, :, 0]
+        return postprocess_image(image, "pt")[0].permute(1, 2, 0).float().cpu()
