@@ -69,6 +69,23 @@ def test_one_request_at_a_time_matches_diffusers(image_llm):
         assert (image - golden_image(case)).abs().max().item() <= 1e-4, case["id"]
 
 
+def _set_budget(worker, tokens: int) -> int:
+    denoiser = worker.model_runner.image_denoiser
+    denoiser.tokens_per_forward, old = tokens, denoiser.tokens_per_forward
+    return old
+
+
+def test_a_small_forward_budget_splits_the_batch_without_changing_it(image_llm):
+    # One token per forward: every request is decoded in a group of its own.
+    (old,) = image_llm.collective_rpc(_set_budget, args=(1,))
+    try:
+        images = generate(image_llm, CASES[:4])
+    finally:
+        image_llm.collective_rpc(_set_budget, args=(old,))
+    for case, image in zip(CASES[:4], images):
+        assert (image - golden_image(case)).abs().max().item() <= 1e-4, case["id"]
+
+
 def _set_trace(worker, on: bool):
     worker.model_runner.image_denoiser.trace = {} if on else None
 

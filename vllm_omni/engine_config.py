@@ -38,6 +38,10 @@ GPU_WORKER = "vllm_omni.worker.DiffusionGPUWorker"
 # not enforce_eager).
 CUDA_GRAPHS_KEY = "diffusion_cuda_graphs"
 CPU_WORKER = "vllm_omni.worker.DiffusionCPUWorker"
+# additional_config key: the most tokens (text + image, every CFG branch) one
+# forward of an image model packs; requests beyond it wait for the next group.
+IMAGE_TOKENS_KEY = "image_tokens_per_forward"
+IMAGE_TOKENS = 65536
 
 
 class DiffusionEngineConfig(VerifyAndUpdateConfig):
@@ -142,3 +146,7 @@ class ImageEngineConfig(VerifyAndUpdateConfig):
                         "image prompt is scheduled whole.", model_config.max_model_len)
             sched.max_num_batched_tokens = model_config.max_model_len
         model_config.enforce_eager = True  # vLLM's graphs capture a forward this model skips
+        tokens = (vllm_config.additional_config or {}).get(IMAGE_TOKENS_KEY, IMAGE_TOKENS)
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+            raise ValueError(f"additional_config[{IMAGE_TOKENS_KEY!r}] must be an integer >= 1, "
+                             f"got {tokens!r}")

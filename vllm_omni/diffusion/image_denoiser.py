@@ -76,26 +76,46 @@ class ImageDenoiser:
     # compare them with diffusers' (set through ``LLM.collective_rpc``).
     trace: dict | None = None
 
-    def __init__(self, model, device: torch.device):
+    def __init__(self, model, device: torch.device, tokens_per_forward: int):
         self.model = model
         self.device = device
+        # Bounds a forward's activations: jobs are decoded in groups whose
+        # sequences add up to at most this many tokens (a larger job alone).
+        self.tokens_per_forward = tokens_per_forward
         self.dtype = model.transformer.img_in.weight.dtype
         self.vsf = model.vae_scale_factor
         self.channels = model.transformer.cfg.in_channels // 4
 
     def run(self, jobs: list[ImageJob]) -> dict[str, torch.Tensor]:
         """Each job's image: float32 [height, width, 3] in [0, 1], on the CPU."""
-        if not jobs:
-            return {}
-        self._start(jobs)
-        images, active = {}, list(jobs)
-        while active:
-            self._step(active)
-            done = [j for j in active if j.step == j.params.num_inference_steps]
-            for job in done:
-                images[job.req_id] = self._decode(job)
-            active = [j for j in active if j.step < j.params.num_inference_steps]
+        images = {}
+        for group in self._groups(jobs):
+            self._start(group)
+            active = list(group)
+            while active:
+                self._step(active)
+                for job in active:
+                    if job.step == job.params.num_inference_steps:
+                        images[job.req_id] = self._decode(job)
+                active = [j for j in active if j.step < j.params.num_inference_steps]
         return images
+
+    def _groups(self, jobs: list[ImageJob]) -> list[list[ImageJob]]:
+        """Jobs in arrival order, cut where a forward would pass the budget."""
+        groups, tokens = [], 0
+        for job in jobs:
+            p = job.params
+            # At most: the image per branch plus both prompts whole.
+            cost = image_seq_len(p.height, p.width, self.vsf) + len(job.prompt_token_ids)
+            if p.true_cfg:
+                cost += image_seq_len(p.height, p.width, self.vsf)
+                cost += len(p.negative_prompt_token_ids)
+            if not groups or tokens + cost > self.tokens_per_forward:
+                groups.append([])
+                tokens = 0
+            groups[-1].append(job)
+            tokens += cost
+        return groups
 
     def _start(self, jobs: list[ImageJob]) -> None:
         prompts = [j.prompt_token_ids for j in jobs]

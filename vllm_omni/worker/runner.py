@@ -22,7 +22,7 @@ from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 from vllm_omni.diffusion.denoiser import Denoiser, StepStats
 from vllm_omni.diffusion.image_denoiser import ImageDenoiser, ImageJob, ImageParams
 from vllm_omni.diffusion.params import DiffusionParams, resolve_params
-from vllm_omni.engine_config import CUDA_GRAPHS_KEY
+from vllm_omni.engine_config import CUDA_GRAPHS_KEY, IMAGE_TOKENS, IMAGE_TOKENS_KEY
 from vllm_omni.models import FAMILIES
 from vllm_omni.models.qwen_image.model import QwenImagePipeline
 from vllm_omni.models.transformer import DiffusionLM
@@ -36,7 +36,9 @@ class DiffusionRunnerMixin:
         super().load_model(*args, **kwargs)
         model = self.get_model()
         if isinstance(model, QwenImagePipeline):
-            self.image_denoiser = ImageDenoiser(model, self.device)
+            additional = self.vllm_config.additional_config or {}
+            self.image_denoiser = ImageDenoiser(model, self.device,
+                                                additional.get(IMAGE_TOKENS_KEY, IMAGE_TOKENS))
         if isinstance(model, DiffusionLM):
             additional = self.vllm_config.additional_config or {}
             self.denoiser = Denoiser(
