@@ -7,6 +7,15 @@
   there: the README gives the server's module form for CPU.
 - vLLM's request-validation error is a ``ValueError`` on 0.26 and a
   ``VLLMClientError`` on 0.27.1 (``RequestError`` below).
+- IO processor plugins (``entrypoints/image_io.py``), online ``/pooling``:
+  0.26 runs ``parse_data``, ``pre_process``, the render and
+  ``merge_pooling_params()`` as one function on the renderer's thread pool;
+  0.27.1 runs ``parse_data``, ``pre_process`` and ``merge_pooling_params()``
+  on the event loop before its first ``await`` and renders afterwards. Both
+  call them back to back in one context, which the plugin relies on (a
+  ``contextvars`` hand-over), so no shim is needed. The plugin, endpoint-plugin,
+  ``PoolingParams(task="plugin")``, renderer and error-response APIs it uses
+  are the same in both.
 """
 
 from vllm.exceptions import VLLMValidationError as RequestError

@@ -77,7 +77,9 @@ def load_qwen_image_config(model: str | Path) -> QwenImageConfig:
         text_encoder_config=parts["text_encoder"],
         scheduler_config=parts["scheduler"],
         qwen_image={"vae_scale_factor": vsf, "default_size": DEFAULT_SAMPLE_SIZE * vsf,
-                    "max_image_side": MAX_IMAGE_SIDE, "max_inference_steps": MAX_INFERENCE_STEPS},
+                    "max_image_side": MAX_IMAGE_SIDE, "max_inference_steps": MAX_INFERENCE_STEPS,
+                    # With a terminal shift diffusers' one-step schedule is NaN (0 / 0).
+                    "min_inference_steps": 2 if parts["scheduler"].get("shift_terminal") else 1},
     )
 
 

@@ -27,7 +27,6 @@ from vllm.model_executor.models.interfaces import IsAttentionFree
 from vllm.model_executor.models.interfaces_base import attn_type
 
 from vllm_omni.diffusion.flow_match import FlowMatchConfig
-from vllm_omni.kernels import SequenceBatch  # noqa: F401  (re-exported for the runner)
 from vllm_omni.models.qwen_image.text_encoder import CausalPlan, QwenTextEncoder
 from vllm_omni.models.qwen_image.transformer import QwenImageDiTConfig, QwenImageTransformer
 from vllm_omni.models.qwen_image.vae import QwenImageVAEDecoder
