@@ -78,12 +78,14 @@ from vllm.plugins.io_processors.interface import IOProcessor
 from vllm.pooling_params import PoolingParams
 
 from vllm_omni.compat import RequestError
+from vllm_omni.models.qwen_image.config import IO_PROCESSOR
+from vllm_omni.models.qwen_image.pipeline_math import TOKENIZER_MAX_LENGTH
 from vllm_omni.models.qwen_image.text_encoder import PROMPT_TEMPLATE, TEMPLATE_DROP
 
 logger = init_logger(__name__)
 
 # The entry point's name (pyproject.toml), which the model config names.
-PLUGIN_NAME = "vllm_omni_image"
+PLUGIN_NAME = IO_PROCESSOR
 
 FIELDS = ("prompt", "negative_prompt", "height", "width", "num_inference_steps",
           "true_cfg_scale", "seed", "output")
@@ -91,8 +93,6 @@ OUTPUTS = ("png", "tensor")
 DEFAULT_STEPS = 50
 DEFAULT_TRUE_CFG_SCALE = 4.0  # QwenImagePipeline.__call__'s default
 MAX_SEED = 2**63 - 1  # what secrets.randbits(63) draws; fits int64 everywhere
-# diffusers' tokenizer_max_length: the prompt tokens kept past the template.
-TOKENIZER_MAX_LENGTH = 1024
 # The keys of PoolingParams.extra_kwargs the runner reads.
 EXTRA_KWARGS = ("height", "width", "num_inference_steps", "true_cfg_scale", "seed",
                 "negative_prompt_token_ids")
