@@ -1,6 +1,7 @@
 """Record golden outputs of JetAstra/SDAR's official `block_diffusion_generate` on tests/sdar/tiny.
 
-    python tests/sdar/record_golden.py --ref /tmp/sdar-ref        # writes tests/sdar/golden/sdar_cases.json
+    python tests/sdar/record_golden.py --ref /tmp/sdar-ref
+    # writes tests/sdar/golden/sdar_cases.json and tests/sdar/golden/sdar_forward.safetensors
 
 Runs the official function (generate.py, unmodified, called directly) on the tiny checkpoint, float32 on
 CPU, one case at a time with `torch.manual_seed(seed)` first. The run is observed, not changed:
@@ -12,8 +13,9 @@ From these the script re-derives each step independently (SDAR-NOTES' descriptio
 schedule and the three strategies) and asserts that it gives the official result, then writes the
 per-step trace and decision margins. Cases that would hit the notes' tie quirk (k > masks left in a
 top-k selection) or whose top-k selection cuts through tied confidences (e.g. several positions at
-probability 1.0 after top-p) are refused. Every case is then re-run with the model in float64 (RoPE stays float32)
-and kept only if its tokens are identical.
+probability 1.0 after top-p) are refused, and so are cases whose decision margins fall under
+MIN_LOGIT_MARGIN / MIN_PROB_MARGIN. Every case is then re-run with the model in float64 (RoPE stays
+float32) and kept only if its tokens are identical.
 """
 import argparse
 import copy
@@ -51,29 +53,38 @@ CASES = [
     dict(name="seq_b4_s2_greedy_p11_stop", text="bsd", P=11, gen=22, B=4, S=2, strategy="sequential",
          sampling=GREEDY, seed=0, stop=STOP),
     dict(name="seq_b8_s3_sample_p12", text="apache", P=12, gen=28, B=8, S=3, strategy="sequential",
-         sampling=dict(temperature=0.9, top_k=0, top_p=0.9), seed=11, stop=None),
+         sampling=dict(temperature=0.9, top_k=0, top_p=0.9), seed=72, stop=None),
     dict(name="dyn_b8_s8_greedy_p5", text="bsd", P=5, gen=20, B=8, S=8, strategy="low_confidence_dynamic",
          threshold=0.9, sampling=GREEDY, seed=0, stop=None),
     dict(name="dyn_b4_s4_greedy_chat_stop", text="chat", P=None, gen=24, B=4, S=4,
          strategy="low_confidence_dynamic", threshold=0.85, sampling=GREEDY, seed=0, stop=STOP),
     dict(name="static_b4_s4_sample_p4", text="gpl", P=4, gen=20, B=4, S=4, strategy="low_confidence_static",
-         sampling=dict(temperature=1.0, top_k=0, top_p=1.0), seed=3, stop=None),
+         sampling=dict(temperature=1.0, top_k=0, top_p=1.0), seed=11, stop=None),
     dict(name="static_b8_s4_sample_p16", text="gpl", P=16, gen=24, B=8, S=4, strategy="low_confidence_static",
-         sampling=dict(temperature=0.8, top_k=50, top_p=1.0), seed=5, stop=None),
+         sampling=dict(temperature=0.8, top_k=50, top_p=1.0), seed=39, stop=None),
     dict(name="static_b8_s8_sample_p11", text="mit", P=11, gen=21, B=8, S=8, strategy="low_confidence_static",
-         sampling=dict(temperature=0.7, top_k=0, top_p=0.95), seed=19, stop=None),
+         sampling=dict(temperature=0.7, top_k=0, top_p=0.95), seed=75, stop=None),
     dict(name="dyn_b8_s8_sample_p9", text="apache", P=9, gen=18, B=8, S=8, strategy="low_confidence_dynamic",
-         threshold=0.5, sampling=dict(temperature=0.7, top_k=10, top_p=1.0), seed=9, stop=None),
+         threshold=0.5, sampling=dict(temperature=0.7, top_k=10, top_p=1.0), seed=33, stop=None),
     dict(name="dyn_b4_s2_sample_p8", text="bsd", P=8, gen=24, B=4, S=2, strategy="low_confidence_dynamic",
-         threshold=0.6, sampling=dict(temperature=0.8, top_k=5, top_p=1.0), seed=25, stop=None),
+         threshold=0.6, sampling=dict(temperature=0.8, top_k=5, top_p=1.0), seed=58, stop=None),
     dict(name="static_b16_s8_sample_p6", text="mit", P=6, gen=30, B=16, S=8, strategy="low_confidence_static",
-         sampling=dict(temperature=0.9, top_k=20, top_p=0.9), seed=3, stop=None),
+         sampling=dict(temperature=0.9, top_k=20, top_p=0.9), seed=72, stop=None),
     dict(name="dyn_b16_s16_sample_p16", text="apache", P=16, gen=32, B=16, S=16,
          strategy="low_confidence_dynamic", threshold=0.7,
-         sampling=dict(temperature=0.8, top_k=0, top_p=0.95), seed=17, stop=None),
+         sampling=dict(temperature=0.8, top_k=8, top_p=1.0), seed=23, stop=None),
     dict(name="static_b4_s2_sample_stop", text="gpl", P=6, gen=30, B=4, S=2, strategy="low_confidence_static",
-         sampling=dict(temperature=1.0, top_k=0, top_p=1.0), seed=20, stop=STOP),
+         sampling=dict(temperature=1.0, top_k=0, top_p=1.0), seed=42, stop=STOP),
 ]
+
+
+# Decision margins every kept case must clear (fp32 vs fp64 logits differ by ~2e-5 on this model):
+# logit-scale gaps (top-1 vs top-2 logit for greedy, log(p/q) of the sample, top-k cut-off) and
+# probability-scale ones (selection cut, threshold, top-p cut-off).
+MIN_LOGIT_MARGIN = 1e-3
+MIN_PROB_MARGIN = 1e-4
+LOGIT_MARGINS = ("min_token_logit_gap", "min_sample_log_gap", "min_topk_boundary_gap")
+PROB_MARGINS = ("min_selection_gap", "min_threshold_distance", "min_topp_boundary_distance")
 
 
 class Observer:
@@ -281,6 +292,20 @@ def run_case(gen, model, tok, mask_id, stop_ids, case, prompt_ids):
     return rec, quirk, (rng_checks, rng_ok)
 
 
+def write_forward(model, tok, mask_id, path, B=4):
+    """One uncached forward of the official model for porting layer by layer: 10 prompt tokens + 6 masks,
+    positions 0..15, SDAR's block mask (bidirectional inside blocks of 4, causal across blocks)."""
+    from safetensors.torch import save_file
+    ids = tok(TEXTS["gpl"], add_special_tokens=False)["input_ids"][:10] + [mask_id] * 6
+    L = len(ids)
+    blk = torch.arange(L) // B
+    mask = (blk[None, :] <= blk[:, None]).float()[None]  # [1, q, k], as generate.py builds it
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]), attention_mask=mask, position_ids=torch.arange(L)[None]).logits
+    save_file({"input_ids": torch.tensor(ids), "attention_mask": mask[0], "logits": logits[0].float().contiguous()},
+              path, metadata={"info": "block_length=%d; position_ids=0..%d" % (B, L - 1)})
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ref", default="/tmp/sdar-ref", help="folder with generate.py and SDAR-4B-Chat/")
@@ -311,6 +336,10 @@ def main():
         if quirk or quirk64:
             raise SystemExit(f"{case['name']}: hits a tie (k > masks left, or tied confidences across the "
                              f"top-k cut); change the case")
+        low = [k for k in LOGIT_MARGINS if rec[k] is not None and rec[k] < MIN_LOGIT_MARGIN]
+        low += [k for k in PROB_MARGINS if rec[k] is not None and rec[k] < MIN_PROB_MARGIN]
+        if low:
+            raise SystemExit(f"{case['name']}: margins too small {low}; change the seed or the case")
         same = (rec64["output_ids"] == rec["output_ids"] and rec64["trace"] == rec["trace"]
                 and rec64["nfe_breakdown"] == rec["nfe_breakdown"])
         rec["prompt"] = prompt
@@ -337,9 +366,22 @@ def main():
                         note="each case re-run with model.double() (RoPE cos/sin stay float32), same seed; "
                              "kept only if output_ids, trace and forwards are identical"),
         rng_check=dict(multinomial_draws=rng[0], equal_to_argmax_probs_over_exponential=rng[1]),
+        fields=dict(
+            output_ids="the official return value: prompt + total_length-P tokens (blocks aligned to position 0); "
+                       "after an early stop, later blocks stay mask_token_id",
+            generated_ids="output_ids[prompt_length:]",
+            first_stop_index="index in generated_ids of the first stopping_criteria_idx token (null: none)",
+            stopped_early="the loop broke before the last block",
+            nfe="model forwards: 1 prefill (full prompt blocks, if any) + per block (denoising steps + 1 store)",
+            trace="one entry per denoising forward: block index, step, k = num_transfer_tokens[step], masks in "
+                  "the block before the step, committed [position, token] (positions counted from the first "
+                  "generated token; prompt positions of a partial block are never committed)",
+            margins="min_* over the positions that matter (null: not applicable); see record_golden.py",
+        ),
         cases=kept,
     )
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    write_forward(model, tok, mask_id, os.path.join(os.path.dirname(a.out), "sdar_forward.safetensors"))
     with open(a.out, "w") as f:
         json.dump(data, f, indent=1)
     print(f"wrote {a.out}: {len(kept)} cases kept, {len(dropped)} dropped {dropped}")
