@@ -10,6 +10,9 @@
 #   bash benchmarks/h100x2_suite.sh tp2     # TP=2 throughput, ours then AR; merges with tp1's rows
 #   bash benchmarks/h100x2_suite.sh tests   # golden TP=2 / DP=2, lifecycle, executors
 #   bash benchmarks/h100x2_suite.sh dp      # DP=2 vs one engine; sleep memory at 8B
+#
+# vLLM on the device: the bundle of ../shared/gpu/, with part two split in halves
+# (scripts/gpu_bundle_split.sh says why and gives the three calls).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/run}
