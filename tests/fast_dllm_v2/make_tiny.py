@@ -43,7 +43,7 @@ DIMS = dict(hidden_size=32, intermediate_size=96, num_hidden_layers=N_LAYERS, nu
             torch_dtype="float32")
 SEED = 20250930
 STD = 0.3
-LM_STD = 2.8
+LM_STD = 2.2
 STOP_SCALE = 1.5
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
