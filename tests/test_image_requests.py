@@ -136,7 +136,8 @@ def test_prompt_ids_are_what_diffusers_tokenizes():
     from diffusers import QwenImagePipeline
     from transformers import AutoTokenizer
 
-    from vllm_omni.models.qwen_image.text_encoder import PROMPT_TEMPLATE, TEMPLATE_DROP
+    from vllm_omni.models.qwen_image.pipeline_math import PROMPT_TEMPLATE
+    from vllm_omni.models.qwen_image.pipeline_math import PROMPT_TEMPLATE_DROP as TEMPLATE_DROP
 
     tok = AutoTokenizer.from_pretrained(f"{MODEL}/tokenizer")
     # The recorded ids of every diffusers case (prompt and, under true CFG, negative).

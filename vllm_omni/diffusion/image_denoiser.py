@@ -17,7 +17,7 @@ attention-free pooling model each prompt once), so a request that arrives
 meanwhile waits for the next step (``docs/architecture/images.md``).
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -62,10 +62,12 @@ class ImageJob:
     params: ImageParams
     step: int = 0
     # Set when the loop starts: packed latents [tokens, 4 * channels], the
-    # schedule, the text embeddings (negative ones with true CFG).
+    # image-token grid (frames, rows, cols), the schedule, the text
+    # embeddings (negative ones with true CFG).
     latents: torch.Tensor | None = None
+    grid: tuple[int, int, int] = (1, 0, 0)
     timesteps: torch.Tensor | None = None
-    sigmas: list[float] = field(default_factory=list)
+    sigmas: torch.Tensor | None = None
     embeds: torch.Tensor | None = None
     neg_embeds: torch.Tensor | None = None
 
@@ -106,10 +108,10 @@ class ImageDenoiser:
         for job in jobs:
             p = job.params
             # At most: the image per branch plus both prompts whole.
-            cost = image_seq_len(p.height, p.width, self.vsf) + len(job.prompt_token_ids)
+            image = image_seq_len(p.height, p.width, self.vsf)
+            cost = image + len(job.prompt_token_ids)
             if p.true_cfg:
-                cost += image_seq_len(p.height, p.width, self.vsf)
-                cost += len(p.negative_prompt_token_ids)
+                cost += image + len(p.negative_prompt_token_ids)
             if not groups or tokens + cost > self.tokens_per_forward:
                 groups.append([])
                 tokens = 0
@@ -129,10 +131,11 @@ class ImageDenoiser:
             generator = torch.Generator("cpu").manual_seed(p.seed)
             job.latents = initial_noise(generator, self.channels, p.height, p.width, self.vsf,
                                         self.dtype, self.device)[0]
-            job.timesteps, sigmas = schedule(
+            h, w = latent_size(p.height, p.width, self.vsf)
+            job.grid = (1, h // 2, w // 2)  # 2x2 latent patches per image token
+            job.timesteps, job.sigmas = schedule(
                 self.model.scheduler_config, p.num_inference_steps,
                 image_seq_len(p.height, p.width, self.vsf), device=self.device)
-            job.sigmas = sigmas
             job.step = 0
             self._record(job, embeds=job.embeds, neg_embeds=job.neg_embeds, latents=job.latents)
 
@@ -141,8 +144,6 @@ class ImageDenoiser:
         img, txt, times, txt_lens, shapes = [], [], [], [], []
         for job in jobs:
             t = transformer_timestep(job.timesteps[job.step : job.step + 1], self.dtype)
-            h, w = latent_size(job.params.height, job.params.width, self.vsf)
-            grid = (1, h // 2, w // 2)  # 2x2 latent patches per image token
             for emb in (job.embeds, job.neg_embeds):
                 if emb is None:
                     continue
@@ -150,7 +151,7 @@ class ImageDenoiser:
                 txt.append(emb)
                 times.append(t)
                 txt_lens.append(len(emb))
-                shapes.append(grid)
+                shapes.append(job.grid)
         out = self.model.transformer(torch.cat(img), torch.cat(txt), torch.cat(times),
                                      JointBatch(tuple(txt_lens), tuple(shapes)))
         preds = iter(out.split([len(x) for x in img]))

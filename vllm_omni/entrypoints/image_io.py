@@ -79,8 +79,8 @@ from vllm.pooling_params import PoolingParams
 
 from vllm_omni.compat import RequestError
 from vllm_omni.models.qwen_image.config import IO_PROCESSOR
-from vllm_omni.models.qwen_image.pipeline_math import TOKENIZER_MAX_LENGTH
-from vllm_omni.models.qwen_image.text_encoder import PROMPT_TEMPLATE, TEMPLATE_DROP
+from vllm_omni.models.qwen_image.pipeline_math import (PROMPT_TEMPLATE, PROMPT_TEMPLATE_DROP,
+                                                       TOKENIZER_MAX_LENGTH)
 
 logger = init_logger(__name__)
 
@@ -241,7 +241,7 @@ def prompt_token_ids(tokenizer, text: str) -> list[int]:
     one prompt: the templated text, at most 1024 tokens past the template."""
     with _TOKENIZER_LOCK:
         ids = tokenizer(PROMPT_TEMPLATE.format(text),
-                        max_length=TOKENIZER_MAX_LENGTH + TEMPLATE_DROP,
+                        max_length=TOKENIZER_MAX_LENGTH + PROMPT_TEMPLATE_DROP,
                         truncation=True)["input_ids"]
     return list(ids)
 

@@ -266,18 +266,29 @@ class DiffusionLM(nn.Module):
         return self.compute_logits(hidden[rows - self.logit_shift])
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for ckpt_name, tensor in weights:
-            mapped = self.map_weight_name(ckpt_name)
-            if mapped is None:
-                continue
-            name, shard = mapped
-            param = params[name]
-            loader = getattr(param, "weight_loader", default_weight_loader)
-            if shard is None:
-                loader(param, tensor)
-            else:
-                loader(param, tensor, shard)
-            loaded.add(name)
-        return loaded
+        return load_mapped_weights(self, weights, self.map_weight_name, self.__class__.__name__)
+
+
+def load_mapped_weights(module: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
+                        map_name, what: str) -> set[str]:
+    """Checkpoint weights into ``module``'s parameters through each one's vLLM
+    ``weight_loader`` (which shards it for tensor parallelism).
+    ``map_name(checkpoint name) -> (parameter name, shard id) | None`` (None:
+    a weight the module does not use). Returns the loaded parameter names."""
+    params = dict(module.named_parameters())
+    loaded: set[str] = set()
+    for ckpt_name, tensor in weights:
+        mapped = map_name(ckpt_name)
+        if mapped is None:
+            continue
+        name, shard = mapped
+        if name not in params:
+            raise ValueError(f"unexpected {what} weight {ckpt_name!r}")
+        param = params[name]
+        loader = getattr(param, "weight_loader", default_weight_loader)
+        if shard is None:
+            loader(param, tensor)
+        else:
+            loader(param, tensor, shard)
+        loaded.add(name)
+    return loaded

@@ -35,12 +35,11 @@ class DiffusionRunnerMixin:
     def load_model(self, *args, **kwargs) -> None:
         super().load_model(*args, **kwargs)
         model = self.get_model()
+        additional = self.vllm_config.additional_config or {}
         if isinstance(model, QwenImagePipeline):
-            additional = self.vllm_config.additional_config or {}
             self.image_denoiser = ImageDenoiser(model, self.device,
                                                 additional.get(IMAGE_TOKENS_KEY, IMAGE_TOKENS))
         if isinstance(model, DiffusionLM):
-            additional = self.vllm_config.additional_config or {}
             self.denoiser = Denoiser(
                 model,
                 self.device,

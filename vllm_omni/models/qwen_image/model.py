@@ -22,7 +22,6 @@ from torch import nn
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.pooler import IdentityPooler
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
-from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.interfaces import IsAttentionFree
 from vllm.model_executor.models.interfaces_base import attn_type
 
@@ -69,22 +68,14 @@ class QwenImagePipeline(nn.Module, IsAttentionFree):
         return self.text_encoder(input_ids, positions, CausalPlan([input_ids.numel()]))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        vae, transformer, loaded = [], [], set()
-        params = dict(self.named_parameters())
+        # Secondary sources arrive prefixed with their component; the primary
+        # (the transformer's) unprefixed.
+        parts = {"vae": [], "text_encoder": [], "transformer": []}
         for name, tensor in weights:
-            if name.startswith("vae."):
-                vae.append((name.removeprefix("vae."), tensor))
-            elif name.startswith("text_encoder."):
-                mapped = QwenTextEncoder.map_weight_name(name.removeprefix("text_encoder."))
-                if mapped is None:
-                    continue
-                ours, shard = mapped
-                param = params[f"text_encoder.{ours}"]
-                loader = getattr(param, "weight_loader", default_weight_loader)
-                loader(param, tensor) if shard is None else loader(param, tensor, shard)
-                loaded.add(f"text_encoder.{ours}")
+            component, _, rest = name.partition(".")
+            if component in ("vae", "text_encoder"):
+                parts[component].append((rest, tensor))
             else:
-                transformer.append((name, tensor))
-        loaded |= {f"transformer.{n}" for n in self.transformer.load_weights(transformer)}
-        loaded |= {f"vae.{n}" for n in self.vae.load_weights(vae)}
-        return loaded
+                parts["transformer"].append((name, tensor))
+        return {f"{component}.{n}" for component, part in parts.items()
+                for n in getattr(self, component).load_weights(part)}

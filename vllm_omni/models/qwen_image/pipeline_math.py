@@ -21,8 +21,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-# The text encoder's template prefix the pipeline drops (prompt_template_encode_start_idx)
-# and its tokenizer limit (tokenizer_max_length): __init__ / _get_qwen_prompt_embeds.
+# The pipeline's prompt template (prompt_template_encode), the template prefix
+# it drops from the embeddings (prompt_template_encode_start_idx) and its
+# tokenizer limit (tokenizer_max_length): __init__ / _get_qwen_prompt_embeds.
+PROMPT_TEMPLATE = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, "
+    "quantity, text, spatial relationships of the objects and background:<|im_end|>\n"
+    "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n")
 PROMPT_TEMPLATE_DROP = 34
 TOKENIZER_MAX_LENGTH = 1024
 DEFAULT_MAX_SEQUENCE_LENGTH = 512  # __call__'s default for max_sequence_length

@@ -20,15 +20,8 @@ from torch import nn
 from vllm_omni.kernels import SequenceBatch
 from vllm_omni.models.qwen_image.pipeline_math import (DEFAULT_MAX_SEQUENCE_LENGTH,
                                                        PROMPT_TEMPLATE_DROP)
-from vllm_omni.models.transformer import BidirectionalTransformer, TransformerShape
-
-# diffusers' QwenImagePipeline: the prompt template; the first
-# PROMPT_TEMPLATE_DROP tokens (its system part) are dropped from the embeddings.
-PROMPT_TEMPLATE = (
-    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, "
-    "quantity, text, spatial relationships of the objects and background:<|im_end|>\n"
-    "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n")
-TEMPLATE_DROP = PROMPT_TEMPLATE_DROP
+from vllm_omni.models.transformer import (BidirectionalTransformer, TransformerShape,
+                                          load_mapped_weights)
 
 
 def text_config_of(config) -> dict:
@@ -86,7 +79,8 @@ class QwenTextEncoder(nn.Module):
         ids = torch.tensor([t for p in prompts for t in p], device=device)
         positions = torch.cat([torch.arange(n) for n in lens]).to(device)
         hidden = self.model(ids, positions, CausalPlan(lens))
-        return [h[TEMPLATE_DROP:TEMPLATE_DROP + max_sequence_length] for h in hidden.split(lens)]
+        drop = PROMPT_TEMPLATE_DROP
+        return [h[drop:drop + max_sequence_length] for h in hidden.split(lens)]
 
     # Qwen2.5-VL checkpoints name the language model "model.language_model."
     # (transformers >= 4.52) or "model." (earlier); the vision tower and the
@@ -97,6 +91,9 @@ class QwenTextEncoder(nn.Module):
                "v_proj": ("self_attn.qkv_proj", "v"), "o_proj": ("self_attn.o_proj", None),
                "gate_proj": ("mlp.gate_up_proj", 0), "up_proj": ("mlp.gate_up_proj", 1),
                "down_proj": ("mlp.down_proj", None)}
+
+    def load_weights(self, weights) -> set[str]:
+        return load_mapped_weights(self, weights, self.map_weight_name, "Qwen-Image text encoder")
 
     @classmethod
     def map_weight_name(cls, name: str) -> tuple[str, str | int | None] | None:

@@ -43,10 +43,10 @@ from vllm.model_executor.layers.linear import (
     ReplicatedLinear,
     RowParallelLinear,
 )
-from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 
 from vllm_omni.kernels import SequenceBatch, bidirectional_attention
 from vllm_omni.models.qwen_image.rope import QwenRope, apply_rope
+from vllm_omni.models.transformer import load_mapped_weights
 
 EPS = 1e-6
 
@@ -314,14 +314,4 @@ class QwenImageTransformer(nn.Module):
         return name, None
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        params = dict(self.named_parameters())
-        loaded = set()
-        for ckpt_name, tensor in weights:
-            name, shard = self.map_weight_name(ckpt_name)
-            if name not in params:
-                raise ValueError(f"unexpected Qwen-Image transformer weight {ckpt_name!r}")
-            param = params[name]
-            loader = getattr(param, "weight_loader", default_weight_loader)
-            loader(param, tensor) if shard is None else loader(param, tensor, shard)
-            loaded.add(name)
-        return loaded
+        return load_mapped_weights(self, weights, self.map_weight_name, "Qwen-Image transformer")
