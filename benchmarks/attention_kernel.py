@@ -19,8 +19,15 @@ prefix/suffix plus the block's fresh keys, already concatenated into
 contiguous k and v), i.e. bidirectional_attention_triton with a kv_batch;
 sdpa-padded pads keys only, fa-varlen gets separate cu_seqlens_q/k.
 
+``--sweep`` times the kernel at each (BLOCK_M, BLOCK_N, num_warps, num_stages)
+of ``SWEEP`` instead of the built-in choice (the table behind ``_config`` and
+``LONG_CONFIGS``), next to fa-varlen.
+
     python benchmarks/attention_kernel.py --batches 1,8,32,64 --lens 128,256
     python benchmarks/attention_kernel.py --cached --block 32 --kv-lens 384
+    # Qwen-Image's joint attention at 1024x1024 (4096 image + 128 text tokens),
+    # cond + uncond per request: 2 and 8 sequences
+    python benchmarks/attention_kernel.py --heads 24 --lens 4224 --batches 2,8 --sweep
 """
 
 import argparse
@@ -34,6 +41,8 @@ from vllm_omni.kernels.reference import SequenceBatch, bidirectional_attention_r
 from vllm_omni.kernels.triton_attention import bidirectional_attention_triton
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SWEEP = [(64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3),
+         (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 2), (256, 64, 8, 3)]
 
 
 def make_inputs(lens, heads, kv_heads, head_dim, dtype, kv_lens=None, device="cuda"):
@@ -84,14 +93,19 @@ def load_fa_varlen():
     return functools.partial(flash_attn_varlen_func, fa_version=version)
 
 
-def methods(lens, q, k, v, scale, fa_varlen, kv_lens=None):
+def methods(lens, q, k, v, scale, fa_varlen, kv_lens=None, sweep=False):
     """Callables computing the same attention; kv_lens: keys laid out apart
-    (packed by kv_lens) from the queries (packed by lens)."""
+    (packed by kv_lens) from the queries (packed by lens). sweep: one triton
+    entry per SWEEP config, and no SDPA."""
     batch = SequenceBatch.from_lengths(lens)
     kv_batch = SequenceBatch.from_lengths(kv_lens) if kv_lens is not None else None
     kv_lens = list(lens) if kv_lens is None else list(kv_lens)
     gqa = q.shape[1] != k.shape[1]
     fns = {"triton": lambda: bidirectional_attention_triton(q, k, v, batch, scale, kv_batch)}
+    if sweep:
+        fns = {"x".join(map(str, c)): functools.partial(
+            bidirectional_attention_triton, q, k, v, batch, scale, kv_batch, config=c)
+            for c in SWEEP}
 
     rows = [slice(s, s + n) for s, n in zip(batch.starts, batch.lens)]
     kv_rows = [slice(s, s + n) for s, n in zip(SequenceBatch.from_lengths(kv_lens).starts,
@@ -105,7 +119,8 @@ def methods(lens, q, k, v, scale, fa_varlen, kv_lens=None):
                 scale=scale, enable_gqa=gqa).transpose(0, 1)
         return out
 
-    fns["sdpa-loop"] = sdpa_loop
+    if not sweep:
+        fns["sdpa-loop"] = sdpa_loop
 
     lmax, kv_lmax, b = max(lens), max(kv_lens), len(lens)
     pad = [torch.zeros(b, t.shape[1], n, t.shape[2], device=t.device, dtype=t.dtype)
@@ -116,8 +131,9 @@ def methods(lens, q, k, v, scale, fa_varlen, kv_lens=None):
     keep = (torch.arange(kv_lmax, device=q.device)[None, :]
             < torch.tensor(kv_lens, device=q.device)[:, None])
     mask = keep[:, None, None, :] if min(kv_lens) < kv_lmax else None
-    fns["sdpa-padded"] = lambda: F.scaled_dot_product_attention(
-        *pad, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    if not sweep:
+        fns["sdpa-padded"] = lambda: F.scaled_dot_product_attention(
+            *pad, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
     if fa_varlen is not None:
         def cu_seqlens(ns):
@@ -145,6 +161,7 @@ def main():
     ap.add_argument("--block", type=int, default=32, help="--cached: queries per sequence")
     ap.add_argument("--kv-lens", default="384",
                     help="--cached: key counts (whole canvas), cycled over the batch")
+    ap.add_argument("--sweep", action="store_true", help="time every SWEEP config")
     args = ap.parse_args()
     args.kv_heads = args.kv_heads or args.heads
     if not torch.cuda.is_available():
@@ -160,7 +177,9 @@ def main():
 
     base_lens = [int(x) for x in args.lens.split(",")]
     base_kv_lens = [int(x) for x in args.kv_lens.split(",")]
-    names = ["triton", "sdpa-loop", "sdpa-padded"] + (["fa-varlen"] if fa_varlen else [])
+    names = ["x".join(map(str, c)) for c in SWEEP] if args.sweep else [
+        "triton", "sdpa-loop", "sdpa-padded"]
+    names += ["fa-varlen"] if fa_varlen else []
     print(f"{'seqs':>5} {'tokens':>7} {'keys':>7} "
           + " ".join(f"{n + ' ms':>15} {'TF/s':>6}" for n in names))
     for b in (int(x) for x in args.batches.split(",")):
@@ -173,10 +192,15 @@ def main():
         q, k, v = make_inputs(lens, args.heads, args.kv_heads, args.head_dim, dtype, kv_lens)
         keys = lens if kv_lens is None else kv_lens
         flops = 4 * sum(n * kn for n, kn in zip(lens, keys)) * args.heads * args.head_dim
-        fns = methods(lens, q, k, v, args.head_dim**-0.5, fa_varlen, kv_lens)
+        fns = methods(lens, q, k, v, args.head_dim**-0.5, fa_varlen, kv_lens, args.sweep)
         cells = []
         for name in names:
-            ms = triton.testing.do_bench(fns[name], rep=args.rep, return_mode="median")
+            try:
+                ms = triton.testing.do_bench(fns[name], rep=args.rep, return_mode="median")
+            except Exception as e:  # a sweep config that does not fit (shared memory)
+                print(f"{name}: {type(e).__name__}: {str(e)[:120]}")
+                cells.append(f"{'-':>15} {'-':>6}")
+                continue
             cells.append(f"{ms:>15.4f} {flops / ms / 1e9:>6.1f}")
         print(f"{b:>5} {sum(lens):>7} {sum(keys):>7} " + " ".join(cells))
 

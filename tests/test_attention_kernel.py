@@ -97,6 +97,8 @@ SMALL = [
           kv_lens=[32, 300], prefix_lens=[128, 95], page_size=32, token_major_pages=True),
     _case("paged-1-token-fp32-d128", [1], 2, 2, 128, "fp32",
           kv_lens=[1], prefix_lens=[383], token_major_pages=True),
+    # Long on average (LONG_CONFIGS; fp16: the interpreter's dots are exact).
+    _case("long-fp16-d64", [1100, 1030], 1, 1, 64, "fp16", packed=True),
 ]
 LARGE = [
     _case("gpu-8x300-600-bf16-d128", [300, 412, 517, 600, 333, 450, 599, 301], 32, 32, 128, "bf16"),
@@ -115,6 +117,9 @@ LARGE = [
           token_major_pages=True),
     _case("gpu-paged-prefix-fp32-d64", [1, 300, 65, 0], 8, 2, 64, "fp32", True,
           kv_lens=[1, 300, 65, 0], prefix_lens=[17, 512, 0, 40]),
+    # Image joint attention (long sequences: LONG_CONFIGS), Qwen-Image's heads.
+    _case("gpu-long-joint-bf16-d128", [4224, 4224, 1100], 24, 24, 128, "bf16", True),
+    _case("gpu-long-joint-fp16-d64", [2000, 1031], 8, 8, 64, "fp16"),
 ]
 CASES = SMALL + (LARGE if ON_CUDA else [])
 

@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 from vllm.pooling_params import PoolingParams
 
 from conftest import ASSETS, REPO, start_engine
+from vllm_omni.models.qwen_image.pipeline_math import (DEFAULT_MAX_SEQUENCE_LENGTH,
+                                                       PROMPT_TEMPLATE_DROP)
 
 GOLDEN = REPO / "tests" / "qwen_image" / "golden"
 META = json.loads((GOLDEN / "cases.json").read_text())
@@ -84,6 +86,35 @@ def test_a_small_forward_budget_splits_the_batch_without_changing_it(image_llm):
         image_llm.collective_rpc(_set_budget, args=(old,))
     for case, image in zip(CASES[:4], images):
         assert (image - golden_image(case)).abs().max().item() <= 1e-4, case["id"]
+
+
+def _profile(worker, max_side: int) -> tuple[int, int, int, int]:
+    runner = worker.model_runner
+    limits = {**runner._image_limits(), "max_side": max_side}
+    tokens = runner.image_denoiser.profile(runner.scheduler_config.max_num_seqs, **limits)
+    return (tokens, runner.scheduler_config.max_num_seqs, limits["max_prompt_tokens"],
+            runner.image_denoiser.vsf)
+
+
+def test_profile_pass_runs_the_largest_group_then_serving_stays_exact(image_llm):
+    """The start-up pass (on the GPU, inside ``profile_run``) run here at a
+    64x64 limit: max_num_seqs requests with CFG and the longest prompts, cut
+    into forward groups as serving cuts them; its first group's forward."""
+    (old,) = image_llm.collective_rpc(_set_budget, args=(10_000,))
+    try:
+        ((tokens, seqs, prompt, vsf),) = image_llm.collective_rpc(_profile, args=(64,))
+    finally:
+        image_llm.collective_rpc(_set_budget, args=(old,))
+    image = (64 // vsf // 2) ** 2  # tokens per branch: 2x2 latent patches
+    per_request = 2 * (image + prompt)  # a group's budget counts the template
+    in_group = min(seqs, 10_000 // per_request)
+    assert seqs >= 2 and in_group >= 2
+    # The forward's text: the prompts past the template, at most 512 tokens.
+    text = min(prompt - PROMPT_TEMPLATE_DROP, DEFAULT_MAX_SEQUENCE_LENGTH)
+    assert tokens == in_group * 2 * (image + text)
+    case = CASES[0]
+    (got,) = generate(image_llm, [case])
+    assert (got - golden_image(case)).abs().max().item() <= 1e-4
 
 
 def _set_trace(worker, on: bool):

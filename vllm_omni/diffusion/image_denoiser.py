@@ -17,6 +17,7 @@ attention-free pooling model each prompt once), so a request that arrives
 meanwhile waits for the next step (``docs/architecture/images.md``).
 """
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +78,10 @@ class ImageDenoiser:
     # after every step) are copied to the CPU under its id, for tests that
     # compare them with diffusers' (set through ``LLM.collective_rpc``).
     trace: dict | None = None
+    # True: each phase (text encoder, each denoising step, VAE decode) runs
+    # under a profiler range and ends with a device sync, so the ranges'
+    # times are the phases' GPU times (benchmarks/image_throughput.py --profile).
+    profile_phases = False
 
     def __init__(self, model, device: torch.device, tokens_per_forward: int):
         self.model = model
@@ -92,15 +97,46 @@ class ImageDenoiser:
         """Each job's image: float32 [height, width, 3] in [0, 1], on the CPU."""
         images = {}
         for group in self._groups(jobs):
-            self._start(group)
+            with self._phase("qwen_image.text_encoder"):
+                self._start(group)
             active = list(group)
             while active:
-                self._step(active)
+                with self._phase("qwen_image.denoise_step"):
+                    self._step(active)
                 for job in active:
                     if job.step == job.params.num_inference_steps:
-                        images[job.req_id] = self._decode(job)
+                        with self._phase("qwen_image.vae_decode"):
+                            images[job.req_id] = self._decode(job)
                 active = [j for j in active if j.step < j.params.num_inference_steps]
         return images
+
+    def profile(self, max_num_seqs: int, max_side: int, max_prompt_tokens: int,
+                steps: int) -> int:
+        """The largest activations serving can reach, run once (the runner's
+        ``profile_run``, so vLLM's memory profile sees them): ``max_num_seqs``
+        requests at the largest image, with true CFG and both prompts at the
+        longest; their first forward group (the largest group ``_groups`` can
+        form), its prompts encoded together and one denoising step; one VAE
+        decode of the largest image (images are decoded one at a time).
+        Returns the forward's tokens."""
+        ids = [0] * max_prompt_tokens
+        params = ImageParams(max_side, max_side, steps, 4.0, 0, tuple(ids))
+        jobs = [ImageJob(f"profile-{i}", ids, params) for i in range(max_num_seqs)]
+        group = self._groups(jobs)[0]
+        self._start(group)
+        self._step(group)
+        self._decode(group[0])
+        return sum(2 * len(j.latents) + len(j.embeds) + len(j.neg_embeds) for j in group)
+
+    @contextmanager
+    def _phase(self, name: str):
+        if not self.profile_phases:
+            yield
+            return
+        with torch.profiler.record_function(name):
+            yield
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
 
     def _groups(self, jobs: list[ImageJob]) -> list[list[ImageJob]]:
         """Jobs in arrival order, cut where a forward would pass the budget."""

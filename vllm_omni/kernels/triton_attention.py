@@ -22,7 +22,8 @@ softmax (running max m, running sum l, fp32 accumulator), rescaling the
 accumulator whenever the max grows; it divides by l once at the end. Rows past
 the end of a sequence are masked on load (query tile tails, key block tails:
 lengths need not be multiples of the tiles, 1-token sequences work), masked
-keys get -inf scores, and only real rows are stored. Softmax runs in base 2
+keys get -inf scores, and only real rows are stored; the key blocks before
+the tail are whole, so they load and score without masks. Softmax runs in base 2
 with log2(e) folded into the scale. float32 inputs use IEEE fp32 dots (no
 TF32), so they match the fp32 reference to ~1e-5; bf16/fp16 inputs use the
 tensor cores with fp32 accumulation.
@@ -64,11 +65,14 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _online_softmax_step(q, k, v, n_mask, m_i, l_i, acc, qk_scale, IEEE: tl.constexpr):
+def _online_softmax_step(q, k, v, n_mask, m_i, l_i, acc, qk_scale, IEEE: tl.constexpr,
+                         MASKED: tl.constexpr = True):
     """Fold one block of keys ([HEAD_DIM, BLOCK_N]) and values ([BLOCK_N,
-    HEAD_DIM]) into the running max, sum and accumulator."""
+    HEAD_DIM]) into the running max, sum and accumulator. MASKED False: every
+    key of the block is real (no select on the scores)."""
     s = _dot(q, k, None, IEEE) * qk_scale
-    s = tl.where(n_mask[None, :], s, float("-inf"))
+    if MASKED:
+        s = tl.where(n_mask[None, :], s, float("-inf"))
     # Every sequence's first block holds a real key (a tile exists only
     # where there are keys), so m_new is finite from the first block on.
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -135,13 +139,22 @@ def _bidir_attn_kernel(
 
     k_base = K + kv_start * s_kt + kv_head * s_kh
     v_base = V + kv_start * s_vt + kv_head * s_vh
-    for n0 in range(0, kv_len, BLOCK_N):
+    # Whole blocks of keys load and score without masks; the tail block (if
+    # any) after them. Same order of blocks as one masked loop: same sums.
+    full = kv_len - kv_len % BLOCK_N
+    for n0 in range(0, full, BLOCK_N):
         rows = n0 + offs_n
+        k = tl.load(k_base + rows[None, :] * s_kt + offs_d[:, None])  # [HEAD_DIM, BLOCK_N]
+        v = tl.load(v_base + rows[:, None] * s_vt + offs_d[None, :])  # [BLOCK_N, HEAD_DIM]
+        m_i, l_i, acc = _online_softmax_step(q, k, v, offs_n, m_i, l_i, acc, qk_scale, IEEE,
+                                             False)
+    if full < kv_len:
+        rows = full + offs_n
         n_mask = rows < kv_len
         k = tl.load(k_base + rows[None, :] * s_kt + offs_d[:, None],
-                    mask=n_mask[None, :], other=0.0)  # [HEAD_DIM, BLOCK_N]
+                    mask=n_mask[None, :], other=0.0)
         v = tl.load(v_base + rows[:, None] * s_vt + offs_d[None, :],
-                    mask=n_mask[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
+                    mask=n_mask[:, None], other=0.0)
         m_i, l_i, acc = _online_softmax_step(q, k, v, n_mask, m_i, l_i, acc, qk_scale, IEEE)
 
     out = acc / l_i[:, None]
@@ -172,15 +185,26 @@ def _kv_tile_table(
     return torch.tensor(rows, dtype=torch.int32).reshape(-1, width).to(device), kv_end
 
 
+# Sequences this long on average (an image's joint attention: thousands of
+# tokens) take LONG_CONFIGS: bigger query tiles pay off once every sequence
+# fills many of them; the text models' 128-600-token sequences keep _config.
+LONG_SEQ = 1024
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head_dim, 16-bit dtypes;
+# picked by a sweep on an H100 (benchmarks/attention_kernel.py --sweep).
+LONG_CONFIGS = {64: (128, 64, 4, 3), 128: (128, 64, 8, 3)}
+
+
 def block_m_of(head_dim: int, dtype: torch.dtype) -> int:
     """Queries per tile, for building tile rows ahead of a launch."""
     return _config(head_dim, dtype)[0]
 
 
-def _config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+def _config(head_dim: int, dtype: torch.dtype, long: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages), picked by a sweep on an H100."""
     if dtype == torch.float32:  # IEEE fp32 dots run on CUDA cores: small tiles
         return (32, 32, 4, 2) if head_dim > 64 else (64, 64, 4, 2)
+    if long and head_dim in LONG_CONFIGS:
+        return LONG_CONFIGS[head_dim]
     return (64, 32, 4, 2) if head_dim > 128 else (64, 64, 4, 3)
 
 
@@ -193,7 +217,10 @@ def bidirectional_attention_triton(
     kv_batch: SequenceBatch | None = None,
     out: torch.Tensor | None = None,
     prefix: PagedPrefix | None = None,
+    config: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
+    """``config``: (BLOCK_M, BLOCK_N, num_warps, num_stages), for sweeps;
+    default ``_config``'s choice."""
     tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     assert k.shape == v.shape and k.shape[2] == head_dim
@@ -207,7 +234,11 @@ def bidirectional_attention_triton(
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     assert out.shape == q.shape and out.stride(-1) == 1
-    block_m = block_m_of(head_dim, q.dtype)
+    if config is None:
+        long = (prefix is None and kv_batch is None
+                and sum(batch.lens) >= LONG_SEQ * max(len(batch.lens), 1))
+        config = _config(head_dim, q.dtype, long)
+    block_m = config[0]
     if prefix is not None and kv_batch is None:
         kv_batch = batch
     if kv_batch is None:
@@ -219,8 +250,9 @@ def bidirectional_attention_triton(
     if tiles.shape[0] == 0:
         return out
     if prefix is None:
-        return _launch(q, k, v, out, tiles, scale, kv_batch is not None)
-    return _launch(q, k, v, out, tiles, scale, True, prefix.kv_cache, prefix.block_table)
+        return _launch(q, k, v, out, tiles, scale, kv_batch is not None, config=config)
+    return _launch(q, k, v, out, tiles, scale, True, prefix.kv_cache, prefix.block_table,
+                   config)
 
 
 def paged_attention_with_tiles(q, k, v, tiles, scale, kv_cache, block_table) -> torch.Tensor:
@@ -231,10 +263,10 @@ def paged_attention_with_tiles(q, k, v, tiles, scale, kv_cache, block_table) -> 
     return _launch(q, k, v, out, tiles, scale, True, kv_cache, block_table)
 
 
-def _launch(q, k, v, out, tiles, scale, sep_kv, kv_cache=None, block_table=None):
+def _launch(q, k, v, out, tiles, scale, sep_kv, kv_cache=None, block_table=None, config=None):
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k.shape[1]
-    block_m, block_n, num_warps, num_stages = _config(head_dim, q.dtype)
+    block_m, block_n, num_warps, num_stages = config or _config(head_dim, q.dtype)
     if kv_cache is None:  # unused pointer arguments: the kernel is compiled without them
         cache, table, cache_strides, page_size = q, tiles, (0, 0, 0, 0), 1
     else:

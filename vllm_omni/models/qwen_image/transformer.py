@@ -45,7 +45,8 @@ from vllm.model_executor.layers.linear import (
 )
 
 from vllm_omni.kernels import SequenceBatch, bidirectional_attention
-from vllm_omni.models.qwen_image.rope import QwenRope, apply_rope
+from vllm_omni.kernels.dit import modulated_norm, qk_norm_rope
+from vllm_omni.models.qwen_image.rope import QwenRope
 from vllm_omni.models.transformer import load_mapped_weights
 
 EPS = 1e-6
@@ -126,15 +127,6 @@ def timestep_embedding(t: torch.Tensor, channels: int = 256) -> torch.Tensor:
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
-def _layer_norm(x: torch.Tensor) -> torch.Tensor:
-    return F.layer_norm(x, (x.shape[-1],), eps=EPS)
-
-
-def _modulate(x, shift, scale, seq):
-    """adaLN: each token scaled and shifted by its sequence's parameters."""
-    return x * (1 + scale[seq]) + shift[seq]
-
-
 class Modulation(nn.Module):
     """SiLU, then a linear to ``chunks`` x dim per sequence (replicated output)."""
 
@@ -179,22 +171,16 @@ class JointAttention(nn.Module):
             setattr(self, f"{stream}_norm_q", RMSNorm(head_dim, eps=EPS))
             setattr(self, f"{stream}_norm_k", RMSNorm(head_dim, eps=EPS))
 
-    def _qkv(self, stream: str, x: torch.Tensor, freqs):
-        qkv, _ = getattr(self, f"{stream}_qkv")(x)
-        q, k, v = (t.reshape(-1, self.num_heads, self.head_dim) for t in qkv.chunk(3, dim=-1))
-        q = getattr(self, f"{stream}_norm_q")(q.reshape(-1, self.head_dim)).view_as(q)
-        k = getattr(self, f"{stream}_norm_k")(k.reshape(-1, self.head_dim)).view_as(k)
-        return apply_rope(q, freqs), apply_rope(k, freqs), v
-
     def forward(self, img, txt, layout: "PackedLayout"):
-        img_q, img_k, img_v = self._qkv("img", img, layout.img_freqs)
-        txt_q, txt_k, txt_v = self._qkv("txt", txt, layout.txt_freqs)
-        joint = []
-        for img_t, txt_t in ((img_q, txt_q), (img_k, txt_k), (img_v, txt_v)):
-            out = img_t.new_empty((layout.joint_rows, *img_t.shape[1:]))
-            out[layout.txt_rows] = txt_t
-            out[layout.img_rows] = img_t
-            joint.append(out)
+        # Each stream's projection goes straight to its rows of the joint
+        # q, k, v (normed and rotated on the way): no per-stream copies.
+        joint = [img.new_empty((layout.joint_rows, self.num_heads, self.head_dim))
+                 for _ in range(3)]
+        for stream, x, freqs, rows in (("img", img, layout.img_freqs, layout.img_rows),
+                                       ("txt", txt, layout.txt_freqs, layout.txt_rows)):
+            qkv, _ = getattr(self, f"{stream}_qkv")(x)
+            qk_norm_rope(qkv, getattr(self, f"{stream}_norm_q").weight,
+                         getattr(self, f"{stream}_norm_k").weight, EPS, freqs, rows, *joint)
         attn = bidirectional_attention(*joint, layout.joint, self.scale).flatten(1)
         img_out, _ = self.img_out(attn[layout.img_rows])
         txt_out, _ = self.txt_out(attn[layout.txt_rows])
@@ -211,18 +197,19 @@ class QwenImageBlock(nn.Module):
         self.img_mlp = GeluMLP(dim, f"{prefix}.img_mlp")
         self.txt_mlp = GeluMLP(dim, f"{prefix}.txt_mlp")
 
-    def forward(self, img, txt, temb, layout: "PackedLayout"):
+    def forward(self, img, txt, temb, layout: "PackedLayout", img_pending, txt_pending):
+        """``*_pending``: the previous block's (MLP output, gate) not yet added
+        to the stream ((None, None) for the first block); this block's are
+        returned, for the next block's (or the final) norm to add."""
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(temb)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(temb)
         si, st = layout.img_seq, layout.txt_seq
-        img_attn, txt_attn = self.attn(_modulate(_layer_norm(img), i_shift1, i_scale1, si),
-                                       _modulate(_layer_norm(txt), t_shift1, t_scale1, st),
-                                       layout)
-        img = img + i_gate1[si] * img_attn
-        txt = txt + t_gate1[st] * txt_attn
-        img = img + i_gate2[si] * self.img_mlp(_modulate(_layer_norm(img), i_shift2, i_scale2, si))
-        txt = txt + t_gate2[st] * self.txt_mlp(_modulate(_layer_norm(txt), t_shift2, t_scale2, st))
-        return img, txt
+        img, img_h = modulated_norm(img, i_shift1, i_scale1, si, *img_pending, eps=EPS)
+        txt, txt_h = modulated_norm(txt, t_shift1, t_scale1, st, *txt_pending, eps=EPS)
+        img_attn, txt_attn = self.attn(img_h, txt_h, layout)
+        img, img_h = modulated_norm(img, i_shift2, i_scale2, si, img_attn, i_gate1, eps=EPS)
+        txt, txt_h = modulated_norm(txt, t_shift2, t_scale2, st, txt_attn, t_gate1, eps=EPS)
+        return img, txt, (self.img_mlp(img_h), i_gate2), (self.txt_mlp(txt_h), t_gate2)
 
 
 @dataclass
@@ -278,10 +265,16 @@ class QwenImageTransformer(nn.Module):
         temb = timestep_embedding(timesteps.to(img.dtype)).to(img.dtype)
         temb, _ = self.time_linear_1(temb)
         temb, _ = self.time_linear_2(F.silu(temb))
+        # A block's residual adds are fused into the norms after them
+        # (vllm_omni.kernels.dit.modulated_norm): the MLP's into the next
+        # block's first norm, the last block's into norm_out.
+        img_pending = txt_pending = (None, None)
         for block in self.blocks:
-            img, txt = block(img, txt, temb, layout)
+            img, txt, img_pending, txt_pending = block(img, txt, temb, layout, img_pending,
+                                                       txt_pending)
         scale, shift = self.norm_out(temb)
-        out, _ = self.proj_out(_modulate(_layer_norm(img), shift, scale, layout.img_seq))
+        _, img = modulated_norm(img, shift, scale, layout.img_seq, *img_pending, eps=EPS)
+        out, _ = self.proj_out(img)
         return out
 
     # diffusers' weight names -> ours (with the shard of a fused projection).
