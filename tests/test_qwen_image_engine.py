@@ -3,7 +3,9 @@
 ``QwenImagePipeline`` on the tiny checkpoint), float32 on CPU: the images
 (max abs pixel difference <= 1e-4), and since a tiny random model barely
 listens to its prompt, also the prompt embeddings after the template drop and
-the latents after every step (<= 1e-5). Requests carry the prompt token ids
+the latents after every step (<= 1e-5). On a GPU (float32 as well: TF32 off,
+IEEE dots in the attention kernel, but other kernels and summation orders) the
+bound is 2e-3 for both. Requests carry the prompt token ids
 diffusers tokenized and the knobs as the IO processor sends them
 (``PoolingParams.extra_kwargs``), so this engine runs without the IO
 processor (``hf_overrides``), whose own parsing and tokenization are tested
@@ -26,6 +28,7 @@ TENSORS = load_file(GOLDEN / "golden.safetensors")
 # Single-prompt cases. A diffusers batch (c11) draws both images' noise from
 # one generator, which per-request seeds cannot reproduce.
 CASES = [c for c in META["cases"] if c["batch_size"] == 1]
+PIXEL_TOL, LATENT_TOL = (2e-3, 2e-3) if torch.cuda.is_available() else (1e-4, 1e-5)
 
 
 def request(case):
@@ -59,16 +62,20 @@ def image_llm():
 
 def test_every_case_in_one_batch_matches_diffusers(image_llm):
     assert len(CASES) >= 10
+    worst = 0.0
     for case, image in zip(CASES, generate(image_llm, CASES)):
         want = golden_image(case)
         assert image.dtype == torch.float32 and image.shape == want.shape, case["id"]
-        assert (image - want).abs().max().item() <= 1e-4, case["id"]
+        diff = (image - want).abs().max().item()
+        assert diff <= PIXEL_TOL, case["id"]
+        worst = max(worst, diff)
+    print(f"\nmax pixel difference over {len(CASES)} cases in one batch: {worst:.2e}")
 
 
 def test_one_request_at_a_time_matches_diffusers(image_llm):
     for case in CASES[::3]:
         (image,) = generate(image_llm, [case])
-        assert (image - golden_image(case)).abs().max().item() <= 1e-4, case["id"]
+        assert (image - golden_image(case)).abs().max().item() <= PIXEL_TOL, case["id"]
 
 
 def _set_budget(worker, tokens: int) -> int:
@@ -85,7 +92,7 @@ def test_a_small_forward_budget_splits_the_batch_without_changing_it(image_llm):
     finally:
         image_llm.collective_rpc(_set_budget, args=(old,))
     for case, image in zip(CASES[:4], images):
-        assert (image - golden_image(case)).abs().max().item() <= 1e-4, case["id"]
+        assert (image - golden_image(case)).abs().max().item() <= PIXEL_TOL, case["id"]
 
 
 def _profile(worker, max_side: int) -> tuple[int, int, int, int]:
@@ -114,7 +121,7 @@ def test_profile_pass_runs_the_largest_group_then_serving_stays_exact(image_llm)
     assert tokens == in_group * 2 * (image + text)
     case = CASES[0]
     (got,) = generate(image_llm, [case])
-    assert (got - golden_image(case)).abs().max().item() <= 1e-4
+    assert (got - golden_image(case)).abs().max().item() <= PIXEL_TOL
 
 
 def _set_trace(worker, on: bool):
@@ -136,17 +143,18 @@ def test_embeddings_and_latents_after_every_step_match_diffusers(image_llm, case
         image_llm.collective_rpc(_set_trace, args=(False,))
     key = case["id"]
     torch.testing.assert_close(trace["embeds"][0], TENSORS[f"{key}/prompt_embeds"][0],
-                               rtol=0, atol=1e-5)
+                               rtol=0, atol=LATENT_TOL)
     if case["do_true_cfg"]:
         torch.testing.assert_close(trace["neg_embeds"][0], TENSORS[f"{key}/negative_embeds"][0],
-                                   rtol=0, atol=1e-5)
+                                   rtol=0, atol=LATENT_TOL)
     else:
         assert "neg_embeds" not in trace
     latents = torch.stack(trace["latents"])  # initial, then after each step
-    torch.testing.assert_close(latents[0], TENSORS[f"{key}/latents_init"][0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(latents[0], TENSORS[f"{key}/latents_init"][0], rtol=0,
+                               atol=LATENT_TOL)
     want = TENSORS[f"{key}/latents"][:, 0]  # [steps, tokens, channels]
     assert latents.shape[0] == case["num_inference_steps"] + 1
-    torch.testing.assert_close(latents[1:], want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(latents[1:], want, rtol=0, atol=LATENT_TOL)
 
 
 def test_tensor_parallel_2_matches_diffusers(tmp_path, monkeypatch):
@@ -184,4 +192,4 @@ def test_tensor_parallel_2_matches_diffusers(tmp_path, monkeypatch):
         (image,) = generate(llm, [case])
     finally:
         del llm
-    assert (image - want).abs().max().item() <= 1e-4
+    assert (image - want).abs().max().item() <= PIXEL_TOL
