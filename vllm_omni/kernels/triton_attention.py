@@ -191,7 +191,7 @@ def _kv_tile_table(
 LONG_SEQ = 1024
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per head_dim, 16-bit dtypes;
 # picked by a sweep on an H100 (benchmarks/attention_kernel.py --sweep).
-LONG_CONFIGS = {64: (128, 64, 4, 3), 128: (128, 64, 8, 3)}
+LONG_CONFIGS = {64: (128, 64, 4, 3), 128: (128, 64, 8, 4)}
 
 
 def block_m_of(head_dim: int, dtype: torch.dtype) -> int:

@@ -23,7 +23,7 @@ class QwenRope:
     def __init__(self, axes_dims: tuple[int, int, int]):
         if any(d % 2 for d in axes_dims):
             raise ValueError(f"axes_dims_rope must be even, got {axes_dims}")
-        self.inv_freqs = [1.0 / torch.pow(THETA, torch.arange(0, d, 2).to(torch.float32).div(d))
+        self.inv_freqs = [1.0 / torch.pow(THETA, torch.arange(0, d, 2, device="cpu").float().div(d))
                           for d in axes_dims]
 
     def _band(self, axis: int, positions: torch.Tensor) -> torch.Tensor:
