@@ -28,7 +28,7 @@ import numpy as np
 import openai
 import requests
 
-WORKER = "vllm_omni.worker.DiffusionGPUWorker"
+from vllm_omni.worker import WORKER_CLS as WORKER
 
 
 def start_server(args, dp: int, log_path: str) -> tuple[subprocess.Popen, str]:

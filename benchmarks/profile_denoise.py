@@ -121,11 +121,13 @@ def main() -> None:
     import torch
     from vllm import LLM, SamplingParams
 
+    from vllm_omni.worker import WORKER_CLS
+
     label_steps()
     canvas = -(-args.gen // args.block) * args.block
     llm = LLM(model=args.model, load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
               max_model_len=args.prompt + canvas + 64, seed=0, enforce_eager=args.eager,
-              worker_cls="vllm_omni.worker.DiffusionGPUWorker",
+              worker_cls=WORKER_CLS,
               gpu_memory_utilization=args.gpu_memory_utilization)
     vocab = llm.llm_engine.model_config.get_vocab_size()
     prompt = {"prompt_token_ids":

@@ -19,7 +19,8 @@ import json
 import torch
 from vllm import LLM, SamplingParams
 
-WORKER = "vllm_omni.worker.DiffusionGPUWorker"
+from vllm_omni.worker import WORKER_CLS as WORKER
+
 GiB = 1 << 30
 
 

@@ -34,7 +34,7 @@ import tempfile
 import time
 import traceback
 
-WORKER = "vllm_omni.worker.DiffusionGPUWorker"
+from vllm_omni.worker import WORKER_CLS as WORKER
 LABEL = {"none": "exact", "prefix": "prefix", "dual": "dual"}
 
 

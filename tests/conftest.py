@@ -14,11 +14,12 @@ os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from vllm_omni.worker import WORKER_CLS as WORKER  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 ASSETS = REPO / "vllm_omni" / "assets"
 # The official code's outputs on the tiny checkpoints (read-only, beside the repo).
 GOLDEN = Path(os.environ.get("VLLM_OMNI_GOLDEN", REPO.parent / "shared" / "golden"))
-WORKER = "vllm_omni.worker.DiffusionGPUWorker"
 
 
 def golden_cases(name: str) -> dict:
@@ -66,6 +67,48 @@ def graph_shaped_steps(llm):
     finally:
         cuda = torch.cuda.is_available()
         llm.collective_rpc(_set_step_graphs, args=(cuda, True))
+
+
+def _watch_bookkeeping(worker, on: bool):
+    """On: after every ``execute_model``, compare each request's row of the
+    runner's persistent batch with what the request holds (vLLM's
+    ``_bookkeeping_sync`` keeps them equal for sampled tokens; our runner
+    must for blocks). Off: stop, and return what was seen."""
+    runner = worker.model_runner
+    if not on:
+        del runner.execute_model  # the class's again
+        return runner.__dict__.pop("bookkeeping_log")
+    log = runner.bookkeeping_log = {"steps": 0, "mismatches": [], "rows": {}}
+    execute = runner.execute_model
+
+    def checked(*args, **kwargs):
+        out = execute(*args, **kwargs)
+        batch = runner.input_batch
+        for index, req_id in enumerate(batch.req_ids):
+            state = runner.requests[req_id]
+            n = int(batch.num_tokens_no_spec[index])
+            row = batch.token_ids_cpu[index, :n].tolist()
+            held = list(state.prompt_token_ids) + list(state.output_token_ids)
+            if row != held or not batch.is_token_ids[index, :n].all():
+                log["mismatches"].append((log["steps"], req_id, len(row), len(held)))
+            log["rows"][req_id] = row
+        log["steps"] += 1
+        return out
+
+    runner.execute_model = checked
+
+
+@contextmanager
+def checked_bookkeeping(llm):
+    """Inside: every engine step checks that the runner's persistent batch
+    holds each request's prompt and output tokens. The dict it yields gets
+    ``steps``, ``mismatches`` and each request's last ``rows`` on exit."""
+    log = {}
+    llm.collective_rpc(_watch_bookkeeping, args=(True,))
+    try:
+        yield log
+    finally:
+        log.update(llm.collective_rpc(_watch_bookkeeping, args=(False,))[0])
 
 
 def start_engine(model: str, **kwargs):

@@ -7,6 +7,10 @@
   there: the README gives the server's module form for CPU.
 - vLLM's request-validation error is a ``ValueError`` on 0.26 and a
   ``VLLMClientError`` on 0.27.1 (``RequestError`` below).
+- The persistent batch's fields that ``_bookkeeping_sync`` updates for sampled
+  tokens (``token_ids_cpu``, ``is_token_ids``, ``num_tokens_no_spec``; the
+  request state's ``output_token_ids``), which ``worker/bookkeeping.py``
+  updates for blocks, are the same in both: no shim.
 - IO processor plugins (``entrypoints/image_io.py``), online ``/pooling``:
   0.26 runs ``parse_data``, ``pre_process``, the render and
   ``merge_pooling_params()`` as one function on the renderer's thread pool;

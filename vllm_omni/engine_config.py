@@ -30,14 +30,13 @@ from vllm.model_executor.models.config import VerifyAndUpdateConfig
 from vllm_omni.diffusion.params import check_knobs
 from vllm_omni.diffusion.validation import validator_qualname
 from vllm_omni.models import family_of
+from vllm_omni.worker import CPU_WORKER_CLS, WORKER_CLS
 
 logger = init_logger(__name__)
 
-GPU_WORKER = "vllm_omni.worker.DiffusionGPUWorker"
 # additional_config key: capture the denoiser's forwards in CUDA graphs (default:
 # not enforce_eager).
 CUDA_GRAPHS_KEY = "diffusion_cuda_graphs"
-CPU_WORKER = "vllm_omni.worker.DiffusionCPUWorker"
 # additional_config key: the most tokens (text + image, every CFG branch) one
 # forward of an image model packs; requests beyond it wait for the next group.
 IMAGE_TOKENS_KEY = "image_tokens_per_forward"
@@ -107,10 +106,10 @@ class DiffusionEngineConfig(VerifyAndUpdateConfig):
 
 def _check_worker(parallel_config, architecture: str) -> None:
     worker = parallel_config.worker_cls
-    if worker not in (GPU_WORKER, CPU_WORKER):
+    if worker not in (WORKER_CLS, CPU_WORKER_CLS):
         raise ValueError(
             f"{architecture} is a diffusion model: start vLLM with "
-            f"worker_cls={GPU_WORKER!r} (--worker-cls {GPU_WORKER}); got {worker!r}."
+            f"worker_cls={WORKER_CLS!r} (--worker-cls {WORKER_CLS}); got {worker!r}."
         )
 
 

@@ -26,7 +26,9 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=args.model, worker_cls="vllm_omni.worker.DiffusionGPUWorker",
+    from vllm_omni.worker import WORKER_CLS
+
+    llm = LLM(model=args.model, worker_cls=WORKER_CLS,
               dtype=args.dtype, max_model_len=512)
     sp = SamplingParams(temperature=0, max_tokens=args.max_tokens, extra_args=json.loads(args.knobs))
     start = time.perf_counter()

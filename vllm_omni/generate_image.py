@@ -41,8 +41,9 @@ def main() -> None:
 
     from vllm_omni.compat import RequestError
     from vllm_omni.entrypoints.image_io import to_pil
+    from vllm_omni.worker import WORKER_CLS
 
-    llm = LLM(model=args.model, worker_cls="vllm_omni.worker.DiffusionGPUWorker",
+    llm = LLM(model=args.model, worker_cls=WORKER_CLS,
               config_format="qwen_image", dtype=args.dtype)
     data = {"prompt": args.prompt, "height": args.height, "width": args.width,
             "num_inference_steps": args.steps, "true_cfg_scale": args.cfg,

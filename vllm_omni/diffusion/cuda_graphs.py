@@ -142,8 +142,8 @@ class StepGraphs:
         self.seq_buckets = [b for b in SEQ_BUCKETS if b < max_seqs] + [max_seqs]
         self.device = device
         self.capture = capture
-        attn = model.model.layers[0].self_attn
-        self.block_m = tile_block_m(attn.head_dim, model.lm_head.weight.dtype, device)
+        kv = model.kv_layout()
+        self.block_m = tile_block_m(kv.head_dim, kv.dtype, device)
         self.steps: dict[tuple[int, int, int], CapturedStep] = {}
         self.outputs: dict[int, torch.Tensor] = {}  # logits buffers by row count
         self.pool = None

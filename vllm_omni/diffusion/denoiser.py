@@ -179,10 +179,9 @@ class Denoiser:
         vLLM profiles memory, so the KV cache is sized around it). Its
         contents live for one engine step, so sleep mode may discard it."""
         if self.arena is None:
-            attn = self.model.model.layers[0].self_attn
-            self.arena = KeyArena(len(self.model.model.layers), self.arena_rows,
-                                  attn.num_kv_heads, attn.head_dim,
-                                  self.model.lm_head.weight.dtype, self.device)
+            kv = self.model.kv_layout()
+            self.arena = KeyArena(kv.num_layers, self.arena_rows, kv.num_kv_heads, kv.head_dim,
+                                  kv.dtype, self.device)
         return self.arena
 
     def set_step_graphs(self, enabled: bool, capture: bool = True) -> None:
@@ -305,7 +304,7 @@ class Denoiser:
 
     def _step(self, job: BlockJob, logits: torch.Tensor) -> None:
         block = job.block
-        commit = ALGORITHMS[job.params.algorithm]
+        commit = ALGORITHMS[job.params.algorithm].commit
         positions, tokens = commit(
             logits, block == self.mask_token_id, job.step, job.params, job.generator
         )

@@ -1,32 +1,22 @@
 """The diffusion model families vLLM-Omni serves.
 
 Adding a family: one file under ``models/`` (config class + a ``DiffusionLM``
-subclass) and one ``Family`` line below.
+subclass) and one ``Family`` line below; its decoding algorithms register
+themselves for it (``diffusion/algorithms/``), and the knobs it takes and
+their defaults are in the knob table (``diffusion/knobs.py``).
 """
 
-from dataclasses import dataclass, field
-
-# Knobs every family takes (diffusion/params.py says what each means).
-COMMON_KNOBS = ("algorithm", "steps", "block_length", "cache")
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
 class Family:
-    name: str
+    name: str  # the key of the knob table and the algorithm registry
+    title: str  # for people (the README's knob table)
     architecture: str  # vLLM ModelRegistry name (config.json "architectures")
     model_type: str  # transformers AutoConfig name (config.json "model_type")
     module: str  # where the config and model classes live
     config_class: str
-    algorithms: tuple[str, ...]  # the first is the default
-    # Default block length; None means one block over the whole canvas.
-    default_block_length: int | None
-    # Knobs beyond COMMON_KNOBS that this family's algorithms read, and
-    # their defaults (None: off).
-    knobs: dict = field(default_factory=dict)
-
-    @property
-    def allowed_knobs(self) -> tuple[str, ...]:
-        return COMMON_KNOBS + tuple(self.knobs)
 
     @property
     def model_class_path(self) -> str:
@@ -38,25 +28,19 @@ FAMILIES: dict[str, Family] = {
     for f in (
         Family(
             name="llada",
+            title="LLaDA",
             architecture="LLaDAModelLM",
             model_type="llada",
             module="vllm_omni.models.llada",
             config_class="LLaDAConfig",
-            algorithms=("low_confidence", "random"),
-            default_block_length=32,
-            knobs={"threshold": None},
         ),
         Family(
             name="dream",
+            title="Dream",
             architecture="DreamModel",
             model_type="Dream",
             module="vllm_omni.models.dream",
             config_class="DreamConfig",
-            algorithms=("maskgit_plus", "topk_margin", "entropy", "origin"),
-            default_block_length=None,
-            # Dream's generation config carries top_k=50, top_p=1.0 (see
-            # ../shared/golden/README.md): the reference filters to the top 50.
-            knobs={"eps": 1e-3, "top_k": 50, "top_p": None, "alg_temp": 0.0},
         ),
     )
 }

@@ -54,6 +54,26 @@ class TransformerShape:
     max_position: int
     qkv_bias: bool
 
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def kv_heads_per_rank(self, tp: int) -> int:
+        # Fewer KV heads than ranks: vLLM's QKVParallelLinear replicates them.
+        return max(1, self.num_kv_heads // tp)
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """The keys a diffusion LM's attention layers keep on this rank: what a
+    buffer of keys beside vLLM's KV cache (the denoiser's key arena) and the
+    attention kernel's tiling are sized by."""
+
+    num_layers: int
+    num_kv_heads: int  # on this rank
+    head_dim: int
+    dtype: torch.dtype
+
 
 class DenoiseAttention(nn.Module):
     def __init__(
@@ -63,10 +83,9 @@ class DenoiseAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         tp = get_tensor_model_parallel_world_size()
-        self.head_dim = shape.hidden_size // shape.num_heads
+        self.head_dim = shape.head_dim
         self.num_heads = shape.num_heads // tp
-        # Fewer KV heads than ranks: vLLM's QKVParallelLinear replicates them.
-        self.num_kv_heads = max(1, shape.num_kv_heads // tp)
+        self.num_kv_heads = shape.kv_heads_per_rank(tp)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
@@ -244,10 +263,15 @@ class DiffusionLM(nn.Module):
         return self.logits_processor(self.lm_head, hidden_states)
 
     # The denoising forward ---------------------------------------------------
+    def kv_layout(self) -> KVLayout:
+        return KVLayout(self.shape.num_layers,
+                        self.shape.kv_heads_per_rank(get_tensor_model_parallel_world_size()),
+                        self.shape.head_dim, self.lm_head.weight.dtype)
+
     def kv_cache_page_size(self) -> int:
         """Rows per page of the KV cache vLLM bound to the attention layers
-        (its layout: ``vllm_omni/kernels/paged_kv.py``)."""
-        return self.model.layers[0].self_attn.attn.kv_cache.shape[2]
+        (its layout: ``vllm_omni/kernels/paged_kv.py``; every layer's alike)."""
+        return self.kv_caches()[0].shape[2]
 
     def kv_caches(self) -> list[torch.Tensor]:
         """Each layer's KV cache tensor, in layer order."""

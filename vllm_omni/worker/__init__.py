@@ -8,6 +8,11 @@ names the CPU worker (as vLLM's ``worker_cls="auto"`` picks per platform), so
 one command line serves on both.
 """
 
+# The ``worker_cls`` to pass vLLM (the one spelling of it in Python code).
+WORKER_CLS = "vllm_omni.worker.DiffusionGPUWorker"
+# The CPU worker's own name, which the engine config also accepts.
+CPU_WORKER_CLS = "vllm_omni.worker.DiffusionCPUWorker"
+
 _WHERE = {
     "DiffusionGPUWorker": "vllm_omni.worker.gpu_worker",
     "DiffusionGPUModelRunner": "vllm_omni.worker.gpu_worker",
@@ -15,7 +20,7 @@ _WHERE = {
     "DiffusionCPUModelRunner": "vllm_omni.worker.cpu_worker",
 }
 
-__all__ = list(_WHERE)
+__all__ = ["CPU_WORKER_CLS", "WORKER_CLS", *_WHERE]
 
 
 def __getattr__(name: str):

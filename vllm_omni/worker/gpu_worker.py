@@ -1,4 +1,5 @@
-"""``DiffusionGPUWorker``: vLLM's GPU ``Worker`` with our V1 model runner."""
+"""``DiffusionGPUWorker``: vLLM's GPU ``Worker`` with our V1 model runner,
+plus what only the GPU has: sleep mode and the key arena's memory pool."""
 
 import functools
 
@@ -6,6 +7,7 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.gpu_worker import Worker
 
 from vllm_omni.worker.runner import DiffusionRunnerMixin
+from vllm_omni.worker.worker_base import DiffusionWorkerMixin
 
 # The sleep-mode pool of the denoiser's key arena (``docs/architecture/overview.md``).
 SCRATCH_TAG = "diffusion_scratch"
@@ -15,15 +17,12 @@ class DiffusionGPUModelRunner(DiffusionRunnerMixin, GPUModelRunner):
     pass
 
 
-class DiffusionGPUWorker(Worker):
+class DiffusionGPUWorker(DiffusionWorkerMixin, Worker):
+    runner_class = DiffusionGPUModelRunner
+
     def init_device(self) -> None:
-        # vLLM builds its runner inline, with no factory to override: let it
-        # set up the device, then put ours in its place. A model on vLLM's V2
-        # runner (an AR model; diffusion models are switched to V1 by
-        # vllm_omni.engine_config) keeps vLLM's runner.
         super().init_device()
-        if not self.use_v2_model_runner:
-            self.model_runner = DiffusionGPUModelRunner(self.vllm_config, self.device)
+        if isinstance(self.model_runner, DiffusionGPUModelRunner):
             # Sleep mode discards every pool but the weights'; the
             # denoiser's key arena holds per-step scratch, so it gets a pool
             # of its own (a second "kv_cache" pool would drop vLLM's
@@ -41,6 +40,3 @@ class DiffusionGPUWorker(Worker):
         if tags is not None and "kv_cache" in tags:
             tags = [*tags, SCRATCH_TAG]
         super().wake_up(tags)
-
-    def diffusion_step_stats(self, reset: bool = False) -> dict:
-        return self.model_runner.diffusion_step_stats(reset)

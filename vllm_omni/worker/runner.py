@@ -26,6 +26,7 @@ from vllm_omni.engine_config import CUDA_GRAPHS_KEY, IMAGE_TOKENS, IMAGE_TOKENS_
 from vllm_omni.models import FAMILIES
 from vllm_omni.models.qwen_image.model import QwenImagePipeline
 from vllm_omni.models.transformer import DiffusionLM
+from vllm_omni.worker.bookkeeping import commit_block
 
 
 class DiffusionRunnerMixin:
@@ -134,11 +135,10 @@ class DiffusionRunnerMixin:
             )
         blocks = self.denoiser.run(jobs)
 
-        sampled = []
-        for req_id in req_ids:
-            block = blocks.get(req_id, [])
-            self.requests[req_id].output_token_ids.extend(block)
-            sampled.append(block)
+        # Recorded as vLLM records sampled tokens (worker/bookkeeping.py).
+        sampled = [commit_block(self.input_batch, index, self.requests[req_id],
+                                blocks.get(req_id, []))
+                   for index, req_id in enumerate(req_ids)]
         return ModelRunnerOutput(
             req_ids=req_ids,
             req_id_to_index=dict(self.input_batch.req_id_to_index),

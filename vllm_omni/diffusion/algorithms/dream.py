@@ -1,5 +1,7 @@
 """Dream's decoding (HKUNLP/Dream ``generation_utils.py``, ``_sample`` and
-``sample_tokens``), applied to one block (by default the whole canvas).
+``sample_tokens``), applied to one block (by default the whole canvas): the
+arithmetic Dream's algorithms share (``maskgit_plus.py``, ``topk_margin.py``,
+``entropy.py``, ``origin.py``).
 
 Step i of a block of ``steps`` uses the times t = T[i], s = T[i+1] of
 ``T = linspace(1, eps, steps + 1)``. Confidences come from the probabilities
@@ -63,7 +65,7 @@ def sample_tokens(logits, params, generator):
     return probs, tokens, chosen
 
 
-def _commit_ranked(confidence, masked, step, params, tokens, generator):
+def commit_ranked(confidence, masked, step, params, tokens, generator):
     rows = masked.nonzero().squeeze(-1)
     k = transfer_count(rows.numel(), step, params.steps_per_block, params.eps)
     if k == 0:
@@ -80,31 +82,6 @@ def _commit_ranked(confidence, masked, step, params, tokens, generator):
     return picked, block_tokens[picked]
 
 
-def maskgit_plus(logits, masked, step, params, generator):
-    _, tokens, chosen = sample_tokens(logits[masked], params, generator)
-    return _commit_ranked(chosen, masked, step, params, tokens, generator)
-
-
-def topk_margin(logits, masked, step, params, generator):
-    probs, tokens, _ = sample_tokens(logits[masked], params, generator)
-    top2 = torch.topk(probs, 2, dim=-1).values
-    return _commit_ranked(top2[:, 0] - top2[:, 1], masked, step, params, tokens, generator)
-
-
-def entropy(logits, masked, step, params, generator):
-    probs, tokens, _ = sample_tokens(logits[masked], params, generator)
-    negative_entropy = (probs * torch.log(probs + 1e-10)).sum(dim=-1)
-    return _commit_ranked(negative_entropy, masked, step, params, tokens, generator)
-
-
-def origin(logits, masked, step, params, generator):
-    rows = masked.nonzero().squeeze(-1)
-    if step >= params.steps_per_block - 1:
-        chosen = rows
-    else:
-        t = timesteps(params.steps_per_block, params.eps)
-        p_transfer = float(1 - t[step + 1] / t[step])
-        draw = torch.rand(rows.numel(), device=logits.device, generator=generator)
-        chosen = rows[draw < p_transfer]
-    _, tokens, _ = sample_tokens(logits[chosen], params, generator)
-    return chosen, tokens
+def positions_sampled(params) -> bool:
+    """Ranked algorithms draw their positions at alg_temp > 0."""
+    return params.alg_temp > 0

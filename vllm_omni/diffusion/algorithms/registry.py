@@ -1,0 +1,72 @@
+"""The algorithm registry: each algorithm file registers its commit function
+with ``@register_algorithm`` (``docs/architecture/overview.md``, "Knobs and
+algorithms").
+
+A commit function is
+``commit(logits, masked, step, params, generator) -> (positions, tokens)``:
+``logits`` are the block's rows [block_length, vocab], ``masked`` says which
+block positions are still masks, ``step`` counts the steps taken on this
+block, ``params`` is the request's ``DiffusionParams``.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from vllm_omni.diffusion.knobs import KNOBS_BY_NAME
+
+
+def never(params) -> bool:
+    return False
+
+
+def always(params) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    name: str  # the value of the ``algorithm`` knob (public API)
+    commit: Callable
+    families: tuple[str, ...]  # the model families it serves
+    knobs: tuple[str, ...]  # the family-specific knobs it reads
+    # Whether a step draws random numbers even at temperature 0 (then, under
+    # tensor parallelism without a seed, rank 0's blocks are broadcast).
+    draws_random: Callable
+    # Whether a block takes exactly ``steps_per_block`` steps whatever the
+    # logits: the denoiser then needs no look at the device to know it is done.
+    ends_on_schedule: Callable
+
+
+ALGORITHMS: dict[str, Algorithm] = {}
+
+
+def register_algorithm(name: str, *, families: tuple[str, ...], knobs: tuple[str, ...] = (),
+                       draws_random: Callable = never, ends_on_schedule: Callable = never):
+    """Decorator of a commit function: makes it the algorithm ``name`` of
+    ``families``. Each knob it reads must be in the knob table
+    (``diffusion/knobs.py``) and taken by each of those families."""
+
+    def decorator(commit: Callable) -> Callable:
+        if name in ALGORITHMS:
+            raise ValueError(f"algorithm {name!r} registered twice")
+        for knob in knobs:
+            if knob not in KNOBS_BY_NAME:
+                raise ValueError(f"algorithm {name!r} reads {knob!r}, which is not in the "
+                                 "knob table (vllm_omni/diffusion/knobs.py)")
+            missing = [f for f in families if not KNOBS_BY_NAME[knob].applies_to(f)]
+            if missing:
+                raise ValueError(f"algorithm {name!r} reads {knob!r}, which families "
+                                 f"{missing} do not take (its Knob.families)")
+        ALGORITHMS[name] = Algorithm(name, commit, tuple(families), tuple(knobs),
+                                     draws_random, ends_on_schedule)
+        return commit
+
+    return decorator
+
+
+def algorithms_for(family: str) -> tuple[str, ...]:
+    """The algorithms of a family: its default (the ``algorithm`` knob's)
+    first, then the others by name."""
+    default = KNOBS_BY_NAME["algorithm"].default_for(family)
+    names = sorted(a.name for a in ALGORITHMS.values() if family in a.families)
+    return tuple(sorted(names, key=lambda n: n != default))

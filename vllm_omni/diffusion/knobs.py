@@ -1,0 +1,141 @@
+"""The text-diffusion decoding knobs, declared once.
+
+Each ``Knob`` below is the one place its name, type, allowed values, default
+(per family where it differs) and meaning are written. The table drives the
+checks of a request's knobs (``params.check_knobs``), the defaults
+(``params.resolve_params``) and the README's table (``scripts/knob_table.py``
+prints it; ``tests/test_knobs.py`` keeps the README equal to it). How knobs,
+families and algorithms fit together: ``docs/architecture/overview.md``
+("Knobs and algorithms").
+
+Knob names and values are public API (``extra_args``, ``vllm_xargs``,
+``additional_config["diffusion"]``): renaming one breaks clients.
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from vllm_omni.compat import RequestError
+
+
+def fail(field: str, message: str):
+    """Refuse a request: vLLM's validation error, naming the field (HTTP 400)."""
+    raise RequestError(f"{field} {message}", parameter=field)
+
+
+def _algorithms_of(family: str) -> tuple[str, ...]:
+    # The registry imports this module (to check what algorithms declare), so
+    # it is read when a request is checked, not at import.
+    from vllm_omni.diffusion.algorithms import algorithms_for
+
+    return algorithms_for(family)
+
+
+@dataclass(frozen=True)
+class Knob:
+    name: str
+    type: type  # int, float or str
+    doc: str  # one line of meaning (the README's)
+    # A value, or {family name: value}. None: off, or computed per request
+    # (``none_doc`` says which, for the README).
+    default: Any = None
+    families: tuple[str, ...] | None = None  # the families that take it; None: all
+    # Allowed values: a tuple, or a function of the family's name.
+    choices: tuple | Callable[[str], tuple] | None = None
+    low: float | None = None  # numbers: the bounds, and whether each is allowed
+    high: float | None = None
+    closed: tuple[bool, bool] = (True, True)
+    # Whether a request may pass None ("off"), and the value it stands for
+    # (also the value of this knob in a family that does not take it).
+    nullable: bool = False
+    off: Any = None
+    none_doc: str = "off"
+    # For a SamplingParams field of the same name (top_k, top_p): whether its
+    # value there is set. A family that takes the knob reads it from there;
+    # one that does not refuses a request that sets it.
+    sampling_field_set: Callable[[Any], bool] | None = None
+
+    def applies_to(self, family: str) -> bool:
+        return self.families is None or family in self.families
+
+    def default_for(self, family: str) -> Any:
+        if isinstance(self.default, dict):
+            return self.default.get(family)
+        return self.default
+
+    def allowed_values(self, family: str) -> tuple | None:
+        return self.choices(family) if callable(self.choices) else self.choices
+
+    def check(self, value: Any, family: str) -> Any:
+        """The value if it is allowed; otherwise the request is refused with
+        a message naming the field and what is allowed."""
+        if value is None and self.nullable:
+            return None
+        if self.choices is not None:
+            allowed = self.allowed_values(family)
+            if value not in allowed:
+                where = f" for {family}" if callable(self.choices) else ""
+                fail(self.name, f"must be one of {list(allowed)}{where}, got {value!r}")
+            return value
+        if self.type is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                fail(self.name, f"must be an integer, got {value!r}")
+            if self.low is not None and value < self.low:
+                fail(self.name, f"must be >= {self.low}, got {value}")
+            return value
+        ok = not isinstance(value, bool) and isinstance(value, (int, float))
+        ok = ok and (self.low <= value if self.closed[0] else self.low < value)
+        ok = ok and (value <= self.high if self.closed[1] else value < self.high)
+        if not ok:
+            fail(self.name, f"must be a number in {self.interval()}, got {value!r}")
+        return float(value)
+
+    def interval(self) -> str:
+        return (f"{'[' if self.closed[0] else '('}{self.low}, "
+                f"{self.high}{']' if self.closed[1] else ')'}")
+
+
+KNOBS: tuple[Knob, ...] = (
+    Knob("algorithm", str, "which masked positions a step commits, with which tokens "
+         "(`vllm_omni/diffusion/algorithms/`, one file each)",
+         default={"llada": "low_confidence", "dream": "maskgit_plus"},
+         choices=_algorithms_of),
+    Knob("steps", int, "denoising steps over all blocks; must divide evenly across the "
+         "blocks and be at most the canvas length",
+         low=1, none_doc="the canvas length (1 token/step)"),
+    Knob("block_length", int, "semi-autoregressive block size, at most `max_tokens` (a "
+         "default larger than `max_tokens` shrinks to it)",
+         default={"llada": 32}, low=1, none_doc="the whole canvas"),
+    Knob("cache", str, "`none`: exact, each step runs the whole canvas; `prefix`, `dual`: "
+         "Fast-dLLM's caches, refreshed at each block start (the prefix's keys go to the "
+         "request's pages of vLLM's KV cache)",
+         default="none", choices=("none", "prefix", "dual")),
+    Knob("threshold", float, "confidence-threshold parallel decoding (Fast-dLLM)",
+         families=("llada",), low=0, high=1, closed=(False, True), nullable=True),
+    Knob("eps", float, "last time of the schedule `linspace(1, eps, steps+1)`",
+         default=1e-3, families=("dream",), low=0, high=1, closed=(False, False),
+         nullable=True, off=1e-3),
+    # Dream's generation config carries top_k=50, top_p=1.0 (see
+    # ../shared/golden/README.md): the reference filters to the top 50.
+    Knob("top_k", int, "filter to the k most likely tokens before confidences (also at "
+         "temperature 0); 0: off; `SamplingParams.top_k` sets it too",
+         default=50, families=("dream",), low=0, nullable=True, off=0,
+         sampling_field_set=lambda v: v > 0),
+    Knob("top_p", float, "nucleus filtering before confidences; 1: off; "
+         "`SamplingParams.top_p` sets it too",
+         families=("dream",), low=0, high=1, closed=(False, True), nullable=True,
+         sampling_field_set=lambda v: v < 1),
+    Knob("alg_temp", float, "sample the committed positions from "
+         "softmax(confidence / alg_temp); 0: the most confident",
+         default=0.0, families=("dream",), low=0, high=math.inf, closed=(True, False),
+         nullable=True, off=0.0),
+)
+
+KNOBS_BY_NAME: dict[str, Knob] = {k.name: k for k in KNOBS}
+
+
+def knobs_of(family: str) -> tuple[Knob, ...]:
+    """The knobs a family takes, in table order."""
+    return tuple(k for k in KNOBS if k.applies_to(family))
