@@ -74,6 +74,7 @@ class DiffusionRunnerMixin:
                     max_prompt_tokens=self.model_config.max_model_len,
                     steps=limits["min_inference_steps"])
 
+    @torch.inference_mode()  # as execute_model runs: no autograd state kept
     def _image_peak_pass(self) -> None:
         """The image pipeline at its largest shapes, once at start-up, so an
         engine that starts can serve every allowed request without running
