@@ -31,7 +31,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "vllm_omni" / "assets" / "qwen-image-tiny"
-WORKER = "vllm_omni.worker.DiffusionGPUWorker"
 
 TRANSFORMER = {"_class_name": "QwenImageTransformer2DModel", "patch_size": 2, "in_channels": 64,
                "out_channels": 16, "num_layers": 60, "attention_head_dim": 128,
@@ -144,10 +143,12 @@ def main() -> None:
     from vllm import LLM
     from vllm.pooling_params import PoolingParams
 
+    from vllm_omni.worker import WORKER_CLS
+
     cuda = torch.cuda.is_available()
     model = str(TINY) if args.tiny else published_folder()
     t0 = time.perf_counter()
-    llm = LLM(model=model, config_format="qwen_image", worker_cls=WORKER, dtype=args.dtype,
+    llm = LLM(model=model, config_format="qwen_image", worker_cls=WORKER_CLS, dtype=args.dtype,
               load_format="auto" if args.tiny else "dummy", seed=0, max_num_seqs=max(args.batch),
               hf_overrides={"io_processor_plugin": None})
     start_s = time.perf_counter() - t0
