@@ -6,6 +6,10 @@ same dimensions, in one run.
         --batch 1 8 32 64 --gen 256 --block 32 --tokens-per-step 1 2 4 \
         --json benchmarks/results/h100_llada8b_modes.json
     python benchmarks/plot_throughput.py benchmarks/results/h100_llada8b_modes.json
+    # block diffusion (SDAR): block 4, k tokens per step, next to a Qwen3 twin
+    python benchmarks/throughput.py --model benchmarks/models/sdar-4b-shape --prompt 512 \
+        --gen 512 --block 4 --tokens-per-step 1 2 4 --batch 1 32 128 \
+        --json benchmarks/results/h100_block.json
 
 ``--tensor-parallel-size N`` runs both engines over N GPUs (each row says
 ``tp``; ``tflops_frac`` is then of N GPUs' peak). ``--no-diffusion`` runs only
@@ -18,6 +22,11 @@ process (vLLM frees a GPU engine reliably only at process exit).
 
 k tokens per step is fixed through ``steps = canvas // k``: dummy weights never
 pass a confidence threshold, so every block takes exactly block // k steps.
+A block-diffusion model (SDAR: attention causal across blocks, committed
+blocks in vLLM's KV cache) runs mode "block" instead of the cache modes:
+``low_confidence_static`` with ``denoising_steps_per_block = block // k``
+commits exactly k tokens per step; its AR twin is vLLM's Qwen3 with the
+same config.
 Mode "none" is printed as "exact". A row whose estimated time (the last
 measurement of the same mode and k, warm-up included, scaled linearly by
 batch) exceeds ``--max-seconds-per-row`` is not run but recorded as skipped,
@@ -35,7 +44,8 @@ import time
 import traceback
 
 from vllm_omni.worker import WORKER_CLS as WORKER
-LABEL = {"none": "exact", "prefix": "prefix", "dual": "dual"}
+LABEL = {"none": "exact", "prefix": "prefix", "dual": "dual", "block": "block"}
+BLOCK_CAUSAL = ("SDARForCausalLM",)  # architectures served in mode "block"
 
 
 def model_shape(config: dict) -> dict:
@@ -49,6 +59,10 @@ def model_shape(config: dict) -> dict:
         "layers": first("n_layers", "num_hidden_layers"),
         "mlp": first("mlp_hidden_size", "intermediate_size"),
         "vocab": first("embedding_size", "vocab_size"),  # LLaDA's head is embedding_size wide
+        # SDAR (Qwen3) sets head_dim: heads * head_dim need not equal hidden.
+        "head_dim": config.get("head_dim") or first("d_model", "hidden_size")
+        // first("n_heads", "num_attention_heads"),
+        "block_causal": bool(set(config.get("architectures", [])) & set(BLOCK_CAUSAL)),
         # Dream predicts position i from the output at i - 1 (models/dream.py).
         "logit_shift": int("DreamModel" in config.get("architectures", [])),
     }
@@ -84,6 +98,36 @@ def denoise_flops(s: dict, prompt: int, gen: int, block: int, k: int, mode: str)
             total += q * per_token + 4 * q * length * h * layers
         total += spb * 2 * block * h * s["vocab"]
     return total
+
+
+def block_flops(s: dict, prompt: int, gen: int, block: int, k: int) -> float:
+    """FLOPs of one block-diffusion request (mode "block"), as ``denoise_flops``
+    counts them, with q = heads * head_dim: the prompt's prefill (causal
+    across blocks: a token attends to ~half the prompt on average), then per
+    block spb = block // k forwards of the block's tokens over the cached
+    prefix and the block, each through the LM head, and one store forward
+    of the committed block (no LM head)."""
+    h, layers, qd = s["hidden"], s["layers"], s["heads"] * s["head_dim"]
+    kv_dim = s["kv_heads"] * s["head_dim"]
+    per_token = 2 * layers * (2 * h * qd + 2 * h * kv_dim + 3 * h * s["mlp"])
+    total = prompt * per_token + 4 * prompt * (prompt / 2) * qd * layers
+    spb = block // k
+    for start in range(prompt - prompt % block, prompt + gen, block):
+        keys = start + block
+        forward = block * per_token + 4 * block * keys * qd * layers
+        total += (spb + 1) * forward + spb * 2 * block * h * s["vocab"]
+    return total
+
+
+def qwen3_twin(config: dict, path: str) -> str:
+    """vLLM's Qwen3 with a block-diffusion model's config (SDAR is Qwen3's
+    architecture with block attention)."""
+    qwen3 = {k: v for k, v in config.items() if k not in ("block_size", "mask_token_id")}
+    qwen3.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3")
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(qwen3, f)
+    return path
 
 
 def llama_twin(s: dict, config: dict, path: str) -> str:
@@ -136,7 +180,10 @@ def run_engine(kind: str, model: str, args, shape: dict, out_path: str) -> None:
     for batch in args.batch:
         for mode, k in variants:
             extra = None
-            if kind == "diffusion":
+            if kind == "diffusion" and mode == "block":
+                extra = {"block_length": args.block, "denoising_steps_per_block": args.block // k,
+                         "algorithm": "low_confidence_static"}
+            elif kind == "diffusion":
                 extra = {"block_length": args.block, "steps": canvas // k, "cache": mode}
             sp = SamplingParams(temperature=0, max_tokens=args.gen, ignore_eos=True,
                                 extra_args=extra)
@@ -158,9 +205,10 @@ def run_engine(kind: str, model: str, args, shape: dict, out_path: str) -> None:
                     # here, not in the timed run: the whole request up to
                     # batch 8 (prefix-cache steps shrink block by block),
                     # one block above (larger groups mostly run eager).
+                    one_block = ({} if mode == "block" else {"steps": args.block // k})
                     warm = sp if batch <= 8 else SamplingParams(
                         temperature=0, max_tokens=args.block, ignore_eos=True,
-                        extra_args={**extra, "steps": args.block // k})
+                        extra_args={**extra, **one_block})
                     llm.generate(prompts[:batch], warm, use_tqdm=False)
                     llm.collective_rpc("diffusion_step_stats", kwargs={"reset": True})
                 t = time.perf_counter()
@@ -174,7 +222,9 @@ def run_engine(kind: str, model: str, args, shape: dict, out_path: str) -> None:
                            tok_per_s=round(tokens / elapsed, 1),
                            steps_per_s=round(steps / elapsed, 1))
                 if kind == "diffusion":
-                    flops = batch * denoise_flops(shape, args.prompt, args.gen, args.block, k, mode)
+                    flops = batch * (block_flops(shape, args.prompt, args.gen, args.block, k)
+                                     if mode == "block" else
+                                     denoise_flops(shape, args.prompt, args.gen, args.block, k, mode))
                     tflops = flops / elapsed / 1e12
                     tp_peak = args.peak_tflops * args.tensor_parallel_size  # all GPUs
                     # Significant digits, not decimals: a CPU's figures are tiny.
@@ -235,8 +285,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="a diffusion model dir (config.json at least)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 64])
-    ap.add_argument("--modes", nargs="+", choices=list(LABEL), default=list(LABEL),
-                    help="cache modes; none is printed as exact")
+    ap.add_argument("--modes", nargs="+", choices=[m for m in LABEL if m != "block"],
+                    default=["none", "prefix", "dual"],
+                    help="cache modes; none is printed as exact (a block-diffusion model "
+                    "runs mode block only)")
     ap.add_argument("--tokens-per-step", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--gen", type=int, default=256)
@@ -264,9 +316,13 @@ def main() -> None:
     with open(os.path.join(args.model, "config.json")) as f:
         config = json.load(f)
     shape = model_shape(config)
+    if shape["block_causal"]:
+        args.modes = ["block"]
     engines = [] if args.no_diffusion else [("diffusion", args.model)]
     if not args.no_ar:
-        engines.append(("ar", llama_twin(shape, config, tempfile.mkdtemp(prefix="ar-twin-"))))
+        twin_dir = tempfile.mkdtemp(prefix="ar-twin-")
+        engines.append(("ar", qwen3_twin(config, twin_dir) if shape["block_causal"]
+                        else llama_twin(shape, config, twin_dir)))
     ctx = mp.get_context("spawn")
     rows, failed = [], []
     for kind, model in engines:
