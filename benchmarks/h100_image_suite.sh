@@ -17,20 +17,10 @@ OUT=${OUT:-benchmarks/results/run}
 RUN=${RUN:-/tmp/h100-image-suite}
 WHEELS=${WHEELS:-.shared/wheels}
 ANCHOR=${ANCHOR:-.shared/diffusers_qwenimage_bench.py}
-LOG="$RUN/suite.log"
-mkdir -p "$OUT" "$RUN/logs"
-python3 -m pip show vllm-omni > /dev/null 2>&1 ||
-  python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$RUN/logs/pip.log" 2>&1
+source benchmarks/suite_common.sh
 DIFFUSERS_SITE=/tmp/diffusers-site
 [ -d "$DIFFUSERS_SITE/diffusers" ] || python3 -m pip install -q --no-index --no-deps \
   --target "$DIFFUSERS_SITE" "$WHEELS"/*.whl > "$RUN/logs/pip-diffusers.log" 2>&1
-step() {  # name, seconds, command...
-  local name=$1 limit=$2; shift 2
-  echo "== $name (limit ${limit}s)" | tee -a "$LOG"
-  local t0=$SECONDS
-  timeout "$limit" "$@" > "$RUN/logs/$name.log" 2>&1
-  echo "   exit $? after $((SECONDS - t0)) s" | tee -a "$LOG"
-}
 case "${1:?part: check | diffusers | ours}" in
 check)
   step kernels 200 python3 -m pytest -q tests/test_attention_kernel.py tests/test_dit_kernels.py

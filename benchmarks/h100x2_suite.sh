@@ -18,18 +18,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/run}
 RUN=${RUN:-/tmp/h100x2-suite}
 MODEL=${MODEL:-../shared/models/llada-8b-shape}
-LOG="$RUN/suite.log"
-mkdir -p "$OUT" "$RUN/logs"
-# vLLM finds our plugin through its entry point: install the checkout once.
-python3 -m pip show vllm-omni > /dev/null 2>&1 ||
-  python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$RUN/logs/pip.log" 2>&1
-step() {  # name, seconds, command...
-  local name=$1 limit=$2; shift 2
-  echo "== $name (limit ${limit}s)" | tee -a "$LOG"
-  local t0=$SECONDS
-  timeout "$limit" "$@" > "$RUN/logs/$name.log" 2>&1
-  echo "   exit $? after $((SECONDS - t0)) s" | tee -a "$LOG"
-}
+source benchmarks/suite_common.sh
 # Rows of the TP comparison: batch 1 (exact k=1 and 4, dual k=1 and 4) and
 # batch 32 (dual k=4; the others go over the row budget and are skipped).
 ROWS=(--modes none dual --tokens-per-step 1 4 --batch 1 32 --max-seconds-per-row 20
