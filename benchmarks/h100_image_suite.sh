@@ -25,8 +25,9 @@ case "${1:?part: check | diffusers | ours}" in
 check)
   step kernels 200 python3 -m pytest -q tests/test_attention_kernel.py tests/test_dit_kernels.py
   tail -3 "$RUN/logs/kernels.log" | tee -a "$LOG"
-  # float32 on the GPU: golden pixels, embeddings and latents; diffusers live
-  # (the reference test); TP=2 needs two GPUs and runs in the x2 suite.
+  # float32 on the GPU: golden pixels, embeddings and latents (bound 2e-3). The
+  # live-diffusers drift check is CPU-exact at 1e-6 and stays in the CPU CI; the
+  # TP=2 test wants two GPUs.
   step fidelity 300 env PYTHONPATH="${PYTHONPATH:-}:$DIFFUSERS_SITE" python3 -m pytest -q -s \
       tests/test_qwen_image_engine.py -k "not tensor_parallel" \
       -p no:cacheprovider
