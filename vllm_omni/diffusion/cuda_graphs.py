@@ -50,7 +50,7 @@ from vllm.distributed.parallel_state import graph_capture
 from vllm_omni.kernels import attention_with_tiles, tile_block_m
 from vllm_omni.kernels.paged_kv import write_pages
 from vllm_omni.kernels.reference import SequenceBatch, tile_rows
-from vllm_omni.models.attention_plan import KeyArena, SequencePlan, prefix_writes
+from vllm_omni.models.attention_plan import KeyArena, SequencePlan, page_writes
 
 SEQ_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MAX_GRAPH_TOKENS = 2048
@@ -209,9 +209,9 @@ class StepGraphs:
 
 def copy_prefix_to_pages(model, arena: KeyArena, seqs: list[SequencePlan]) -> None:
     """After a graphed forward: the keys of each refreshing sequence's prefix
-    (``write_prefix`` positions), left in the arena, into its KV pages."""
-    writes = prefix_writes(seqs, [s.arena_start for s in seqs], model.kv_cache_page_size(),
-                           arena.k.device)
+    (its ``write`` positions), left in the arena, into its KV pages."""
+    writes = page_writes(seqs, [s.arena_start for s in seqs], model.kv_cache_page_size(),
+                         arena.k.device)
     if writes is None:
         return
     rows, page_rows = writes

@@ -82,7 +82,7 @@ class BlockJob:
         reused = self.block_start - logit_shift  # the prefix later steps read from pages
         dual_keys = length if mode == "dual" else None  # the arena keeps the suffix
         if self.step == 0:  # the block's refresh: the whole canvas
-            return SequencePlan(length, 0, length, self.pages, write_prefix=reused,
+            return SequencePlan(length, 0, length, self.pages, write=(0, reused),
                                 keys_end=dual_keys, arena_start=self.arena_start)
         q_end = length if mode == "prefix" else self.block_end
         return SequencePlan(length, reused, q_end, self.pages,  # reads [0, reused) from pages

@@ -9,7 +9,9 @@ pages listed in its block table, position ``p`` sitting at page
 
 The denoiser writes the keys of a canvas' prefix (prompt and committed blocks:
 the positions vLLM has scheduled, hence allocated pages for) at a block's
-refresh step, and reads them back in the block's later steps.
+refresh step, and reads them back in the block's later steps; for a
+block-causal family (SDAR) it writes each finished block once and reads it
+in every later block (``models/attention_plan.py``).
 """
 
 from dataclasses import dataclass
@@ -25,9 +27,9 @@ def check_kv_cache(kv_cache: torch.Tensor, num_kv_heads: int, head_dim: int) -> 
         )
 
 
-def slots_of(pages: list[int], page_size: int, length: int) -> torch.Tensor:
-    """Flat slots (page * page_size + row) of positions ``0..length-1``."""
-    positions = torch.arange(length)
+def slots_of(pages: list[int], page_size: int, end: int, start: int = 0) -> torch.Tensor:
+    """Flat slots (page * page_size + row) of positions ``start..end-1``."""
+    positions = torch.arange(start, end)
     return torch.tensor(pages, dtype=torch.long)[positions // page_size] * page_size + positions % page_size
 
 

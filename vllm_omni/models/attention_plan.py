@@ -1,13 +1,23 @@
 """What one denoising forward attends to, sequence by sequence.
 
-Each sequence (a request's canvas) runs queries for canvas positions
-``[q_start, q_end)`` and attends to the keys of the whole canvas:
-- ``[0, q_start)``: read from vLLM's paged KV cache through the request's
-  pages (Fast-dLLM's prefix cache, written by the block's refresh forward,
-  ``write_prefix``; a forward whose queries start at 0 reads none);
+Each sequence (a request's canvas, or one block of it) runs queries for
+positions ``[q_start, q_end)`` and attends to:
+- ``[0, q_start)``: keys read from vLLM's paged KV cache through the request's
+  pages (Fast-dLLM's prefix cache, written by the block's refresh forward; a
+  block-causal family's finished blocks; a forward whose queries start at 0
+  reads none);
 - ``[q_start, q_end)``: the fresh keys of this forward;
 - ``[q_end, keys_end)``: (dual cache) keys of the positions after the block,
   kept from the refresh forward in the ``KeyArena``.
+
+``write`` names the positions whose fresh keys and values this forward puts
+into the pages: Fast-dLLM's refresh writes its prefix ``[0, block start)``; a
+block-causal store sequence (SDAR, ``diffusion/block_causal.py``) is one
+finished block whose queries attend to the pages before it and to itself,
+and writes the block ``[q_start, q_end)``. Every layer writes before it reads
+(``attend``), so a sequence may read pages that another sequence of the same
+forward writes. ``page_writes`` is where every write to vLLM's KV cache is
+decided (this plan's, and the CUDA graphs' copy from the arena).
 
 The arena holds keys by position: position p of a sequence sits at arena row
 ``arena_start + p``. A forward that has any dual-cache sequence writes every
@@ -46,7 +56,9 @@ class SequencePlan:
     q_start: int
     q_end: int
     pages: list[int] | None = None  # the request's KV-cache pages, in position order
-    write_prefix: int = 0  # write this forward's keys of [0, write_prefix) to the pages
+    # Write this forward's keys and values of positions [write[0], write[1])
+    # (inside [q_start, q_end)) to the pages.
+    write: tuple[int, int] | None = None
     keys_end: int | None = None  # local keys run to here (None: q_end); > q_end: dual cache
     arena_start: int = 0  # the arena row of position 0
 
@@ -55,15 +67,16 @@ class SequencePlan:
         return self.q_end - self.q_start
 
 
-def prefix_writes(seqs: list[SequencePlan], starts, page_size: int, device: torch.device):
-    """Where this forward's prefix keys go: (rows, page_rows) for ``write_pages``,
-    the rows of each sequence's ``write_prefix`` positions counted from its
-    entry of ``starts``, or None when no sequence writes any."""
+def page_writes(seqs: list[SequencePlan], bases, page_size: int, device: torch.device):
+    """Where this forward's keys go in vLLM's KV cache: (rows, page_rows) for
+    ``write_pages``, the rows of each sequence's ``write`` positions, position
+    p of sequence i at row ``bases[i] + p``; None when no sequence writes."""
     rows, slots = [], []
-    for s, start in zip(seqs, starts):
-        if s.write_prefix:
-            rows.append(torch.arange(start, start + s.write_prefix))
-            slots.append(slots_of(s.pages, page_size, s.write_prefix))
+    for s, base in zip(seqs, bases):
+        if s.write is not None and s.write[1] > s.write[0]:
+            start, end = s.write
+            rows.append(torch.arange(base + start, base + end))
+            slots.append(slots_of(s.pages, page_size, end, start))
     if not rows:
         return None
     return torch.cat(rows).to(device), page_rows_of(torch.cat(slots).to(device), page_size)
@@ -74,8 +87,11 @@ class AttentionPlan:
                  arena: KeyArena | None = None):
         self.seqs = seqs
         self.queries = SequenceBatch.from_lengths([s.num_queries for s in seqs])
-        # Packed query rows this forward writes to the paged cache.
-        self.writes = prefix_writes(seqs, self.queries.starts, page_size, device)
+        # Packed query rows this forward writes to the paged cache (position
+        # p of a sequence is packed row p - q_start from its first).
+        self.writes = page_writes(
+            seqs, [start - s.q_start for s, start in zip(seqs, self.queries.starts)],
+            page_size, device)
 
         # Paged prefixes to read.
         self.prefix_lens = tuple(s.q_start for s in seqs)

@@ -48,6 +48,18 @@ _SHARDS = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"),
 _PROJ = re.compile(r"(.*\.)(q_proj|k_proj|v_proj|gate_proj|up_proj)(\.weight|\.bias)$")
 
 
+def map_qwen_weight_name(name: str):
+    """Qwen2/Qwen3 checkpoint names (Dream, SDAR): ours are the same but for
+    the fused projections."""
+    if m := _PROJ.match(name):
+        prefix, part, kind = m.groups()
+        fused, shard = _SHARDS[part]
+        return f"{prefix}{fused}{kind}", shard
+    if name.endswith("rotary_emb.inv_freq"):
+        return None
+    return name, None
+
+
 class DreamModel(DiffusionLM):
     logit_shift = 1
 
@@ -66,13 +78,4 @@ class DreamModel(DiffusionLM):
             qkv_bias=True,
         )
 
-    @staticmethod
-    def map_weight_name(name: str):
-        # Our parameter names are Qwen2's, but for the fused projections.
-        if m := _PROJ.match(name):
-            prefix, part, kind = m.groups()
-            fused, shard = _SHARDS[part]
-            return f"{prefix}{fused}{kind}", shard
-        if name.endswith("rotary_emb.inv_freq"):
-            return None
-        return name, None
+    map_weight_name = staticmethod(map_qwen_weight_name)

@@ -1,9 +1,12 @@
 """The bidirectional transformer shared by the diffusion LM families.
 
-LLaDA and Dream are both Llama-shaped stacks (RMSNorm, RoPE, SwiGLU MLP, GQA)
-without a causal mask. This module builds that stack once from vLLM's
-parallel layers, so tensor parallelism and weight loading work as in vLLM's
-own models; each family file only maps its config and weight names.
+LLaDA, Dream and SDAR are Llama-shaped stacks (RMSNorm, RoPE, SwiGLU MLP, GQA;
+SDAR as Qwen3 with per-head q/k RMSNorm) that attend as the forward's plan
+says: no causal mask for LLaDA and Dream, SDAR's block-causal mask as one plan
+sequence per block (``docs/architecture/overview.md``, "Block-causal
+families"). This module builds that stack once from vLLM's parallel layers,
+so tensor parallelism and weight loading work as in vLLM's own models; each
+family file only maps its config and weight names.
 
 Two forwards exist:
 - ``forward``: vLLM's standard signature, attention through vLLM's paged
@@ -53,10 +56,14 @@ class TransformerShape:
     rope_theta: float
     max_position: int
     qkv_bias: bool
+    # Qwen3/SDAR: RMSNorm over each head of q and k before RoPE.
+    qk_norm: bool = False
+    # Qwen3/SDAR give it in the config; it need not be hidden_size / num_heads.
+    explicit_head_dim: int | None = None
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.explicit_head_dim or self.hidden_size // self.num_heads
 
     def kv_heads_per_rank(self, tp: int) -> int:
         # Fewer KV heads than ranks: vLLM's QKVParallelLinear replicates them.
@@ -103,6 +110,10 @@ class DenoiseAttention(nn.Module):
             bias=False,
             prefix=f"{prefix}.o_proj",
         )
+        self.q_norm = self.k_norm = None
+        if shape.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, eps=shape.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, eps=shape.rms_norm_eps)
         self.rotary_emb = get_rope(
             self.head_dim,
             # The last block may reach past max_model_len (the canvas rounds
@@ -131,6 +142,9 @@ class DenoiseAttention(nn.Module):
     ) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.q_norm is not None:  # per head, as vLLM's Qwen3 does
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
         q, k = self.rotary_emb(positions, q, k)
         if plan is None:
             out = self.attn(q, k, v)
@@ -231,6 +245,10 @@ class DiffusionLM(nn.Module):
 
     # Position i's token is predicted from the output at i - logit_shift.
     logit_shift: int = 0
+    # Attention causal across blocks of the request's block length (SDAR):
+    # the runner then stores each finished block's keys in vLLM's pages once
+    # and decodes the next block over them (``diffusion/block_causal.py``).
+    block_causal: bool = False
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
@@ -285,8 +303,11 @@ class DiffusionLM(nn.Module):
         rows: torch.Tensor,
     ) -> torch.Tensor:
         """Logits predicting the tokens at packed query rows ``rows``. Only
-        the rows they are read from go through the LM head."""
+        the rows they are read from go through the LM head (none: a forward
+        that only stores keys, which returns None)."""
         hidden = self.model(input_ids, positions, plan)
+        if rows.numel() == 0:
+            return None
         return self.compute_logits(hidden[rows - self.logit_shift])
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
