@@ -11,6 +11,11 @@
   tokens (``token_ids_cpu``, ``is_token_ids``, ``num_tokens_no_spec``; the
   request state's ``output_token_ids``), which ``worker/bookkeeping.py``
   updates for blocks, are the same in both: no shim.
+- Block-causal families (SDAR) rely on ``CacheConfig.user_specified_block_size``
+  and ``prefix_match_unit`` (the KV page size, ``engine_config.py``), the
+  scheduler output's ``num_scheduled_tokens`` in scheduling order and
+  ``CachedRequestState.num_computed_tokens`` at scheduling (the KV frontier,
+  ``worker/runner.py``): the same in both, no shim.
 - IO processor plugins (``entrypoints/image_io.py``), online ``/pooling``:
   0.26 runs ``parse_data``, ``pre_process``, the render and
   ``merge_pooling_params()`` as one function on the renderer's thread pool;

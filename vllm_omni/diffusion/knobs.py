@@ -56,6 +56,9 @@ class Knob:
     # value there is set. A family that takes the knob reads it from there;
     # one that does not refuses a request that sets it.
     sampling_field_set: Callable[[Any], bool] | None = None
+    # Read by the denoising loop (its canvas, schedule, caches) rather than
+    # by the algorithms, so no algorithm declares it.
+    loop: bool = False
 
     def applies_to(self, family: str) -> bool:
         return self.families is None or family in self.families
@@ -97,35 +100,50 @@ class Knob:
                 f"{self.high}{']' if self.closed[1] else ')'}")
 
 
+# SDAR's defaults are its official sampler's command line (block 4, 4 steps,
+# low_confidence_dynamic at 0.85; JetAstra/SDAR generate.py).
 KNOBS: tuple[Knob, ...] = (
     Knob("algorithm", str, "which masked positions a step commits, with which tokens "
          "(`vllm_omni/diffusion/algorithms/`, one file each)",
-         default={"llada": "low_confidence", "dream": "maskgit_plus"},
+         default={"llada": "low_confidence", "dream": "maskgit_plus",
+                  "sdar": "low_confidence_dynamic"},
          choices=_algorithms_of),
     Knob("steps", int, "denoising steps over all blocks; must divide evenly across the "
          "blocks and be at most the canvas length",
-         low=1, none_doc="the canvas length (1 token/step)"),
-    Knob("block_length", int, "semi-autoregressive block size, at most `max_tokens` (a "
-         "default larger than `max_tokens` shrinks to it)",
-         default={"llada": 32}, low=1, none_doc="the whole canvas"),
+         families=("llada", "dream"), low=1, none_doc="the canvas length (1 token/step)",
+         loop=True),
+    Knob("block_length", int, "block size. LLaDA, Dream: semi-autoregressive blocks after "
+         "the prompt, at most `max_tokens` (a default larger than `max_tokens` shrinks to "
+         "it); SDAR: blocks counted from position 0, must divide the KV page size "
+         "(`block_size`, 32 unless set)",
+         default={"llada": 32, "sdar": 4}, low=1, none_doc="the whole canvas"),
     Knob("cache", str, "`none`: exact, each step runs the whole canvas; `prefix`, `dual`: "
          "Fast-dLLM's caches, refreshed at each block start (the prefix's keys go to the "
          "request's pages of vLLM's KV cache)",
-         default="none", choices=("none", "prefix", "dual")),
+         default="none", families=("llada", "dream"), choices=("none", "prefix", "dual"),
+         loop=True),
     Knob("threshold", float, "confidence-threshold parallel decoding (Fast-dLLM)",
          families=("llada",), low=0, high=1, closed=(False, True), nullable=True),
+    Knob("denoising_steps_per_block", int, "denoising steps of each block (SDAR's "
+         "`denoising_steps`): step i commits `block_length // steps` masked positions, one "
+         "more for i < `block_length % steps`; at most `block_length`",
+         default={"sdar": 4}, families=("sdar",), low=1),
+    Knob("confidence_threshold", float, "`low_confidence_dynamic`: a step commits every "
+         "masked position whose drawn token's probability is strictly above it when they "
+         "are at least the step's quota, else the quota's most confident",
+         default={"sdar": 0.85}, families=("sdar",), low=0, high=1),
     Knob("eps", float, "last time of the schedule `linspace(1, eps, steps+1)`",
          default=1e-3, families=("dream",), low=0, high=1, closed=(False, False),
          nullable=True, off=1e-3),
     # Dream's generation config carries top_k=50, top_p=1.0 (see
     # ../shared/golden/README.md): the reference filters to the top 50.
-    Knob("top_k", int, "filter to the k most likely tokens before confidences (also at "
+    Knob("top_k", int, "filter to the k most likely tokens before drawing (Dream: also at "
          "temperature 0); 0: off; `SamplingParams.top_k` sets it too",
-         default=50, families=("dream",), low=0, nullable=True, off=0,
+         default={"dream": 50}, families=("dream", "sdar"), low=0, nullable=True, off=0,
          sampling_field_set=lambda v: v > 0),
-    Knob("top_p", float, "nucleus filtering before confidences; 1: off; "
+    Knob("top_p", float, "nucleus filtering before drawing; 1: off; "
          "`SamplingParams.top_p` sets it too",
-         families=("dream",), low=0, high=1, closed=(False, True), nullable=True,
+         families=("dream", "sdar"), low=0, high=1, closed=(False, True), nullable=True,
          sampling_field_set=lambda v: v < 1),
     Knob("alg_temp", float, "sample the committed positions from "
          "softmax(confidence / alg_temp); 0: the most confident",

@@ -60,11 +60,14 @@ def check_knobs(knobs: Any, family: Family, where: str = "extra_args") -> dict:
 
 
 def resolve_params(
-    family: Family, sampling_params, engine_defaults: dict | None = None
+    family: Family, sampling_params, engine_defaults: dict | None = None,
+    page_size: int | None = None,
 ) -> DiffusionParams:
     """The request's decoding parameters, from its ``SamplingParams``.
     ``top_k``/``top_p`` there are the request's own (vLLM resets them for
-    greedy requests, hence the knobs of the same names, which win)."""
+    greedy requests, hence the knobs of the same names, which win).
+    ``page_size``: the KV page size a block-causal family's block length
+    must divide (``block_causal_page_size``)."""
     knobs = {k.name: k.default_for(family.name) for k in knobs_of(family.name)}
     for knob in KNOBS:
         if knob.sampling_field_set is None:
@@ -80,6 +83,8 @@ def resolve_params(
     knobs.update(requested)
 
     max_tokens = _MAX_TOKENS.check(sampling_params.max_tokens, family.name)
+    if family.block_causal:
+        return _block_causal_params(knobs, max_tokens, sampling_params.temperature, page_size)
     if requested.get("block_length", 0) > max_tokens:
         fail("block_length", f"must be <= max_tokens ({max_tokens}), "
              f"got {requested['block_length']}")
@@ -99,3 +104,35 @@ def resolve_params(
     return DiffusionParams(canvas_length=canvas_length,
                            temperature=sampling_params.temperature, **values)
 
+
+
+def block_causal_page_size(cache_config) -> int:
+    """The token boundary every prefix-cache hit lands on (vLLM's
+    ``prefix_match_unit``, by default the KV page size ``block_size``): a
+    block-causal family's block length must divide it, so that a hit ends at
+    a block boundary (``docs/architecture/overview.md``, "Block-causal
+    families")."""
+    return cache_config.prefix_match_unit or cache_config.block_size
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _block_causal_params(knobs: dict, max_tokens: int, temperature: float,
+                         page_size: int | None) -> DiffusionParams:
+    """Blocks from absolute position 0 (SDAR): the block length divides the
+    KV page size and bounds the steps per block; no canvas to fit."""
+    block_length = knobs["block_length"]
+    if page_size is not None and page_size % block_length:
+        fail("block_length", f"must divide the KV page size {page_size} (block_size), one of "
+             f"{_divisors(page_size)}, got {block_length}")
+    steps = knobs["denoising_steps_per_block"]
+    if steps > block_length:
+        fail("denoising_steps_per_block", f"must be <= block_length ({block_length}): a step "
+             f"commits at least one token, got {steps}")
+    # canvas_length is not read for these families (each step decodes the
+    # block after the tokens vLLM holds); kept as max_tokens in whole blocks.
+    values = {k.name: k.off if knobs.get(k.name) is None else knobs[k.name] for k in KNOBS}
+    return DiffusionParams(canvas_length=math.ceil(max_tokens / block_length) * block_length,
+                           temperature=temperature, **values)

@@ -6,10 +6,11 @@ vLLM calls ``validate_params`` of every custom logits processor class named in
 ``VLLMValidationError``, the OpenAI server answers 400). The engine config hook
 (``vllm_omni.engine_config``) adds one such class for diffusion models only.
 
-The class must know the model family and the engine-wide defaults, and vLLM
+The class must know the model family, the engine-wide defaults and (for a
+block-causal family) the KV page size its block lengths must divide, and vLLM
 names it by a ``module:qualname`` string that every process re-imports; so the
-name itself carries them (``llada__<hex of the defaults as JSON>``) and this
-module's ``__getattr__`` rebuilds the class from its name.
+name itself carries them (``llada__<hex of {"defaults", "page_size"} as
+JSON>``) and this module's ``__getattr__`` rebuilds the class from its name.
 """
 
 import json
@@ -50,6 +51,7 @@ class DiffusionRequestValidator(LogitsProcessor):
 
     family_name = ""
     engine_defaults: dict = {}
+    page_size: int | None = None
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams):
@@ -60,7 +62,8 @@ class DiffusionRequestValidator(LogitsProcessor):
                     f"{field} is not supported by diffusion decoding ({why}); leave it unset",
                     parameter=field,
                 )
-        resolve_params(FAMILIES_BY_NAME[cls.family_name], sampling_params, cls.engine_defaults)
+        resolve_params(FAMILIES_BY_NAME[cls.family_name], sampling_params, cls.engine_defaults,
+                       cls.page_size)
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         pass
@@ -75,8 +78,10 @@ class DiffusionRequestValidator(LogitsProcessor):
         return logits
 
 
-def validator_qualname(family_name: str, engine_defaults: dict) -> str:
-    blob = json.dumps(engine_defaults, sort_keys=True).encode().hex()
+def validator_qualname(family_name: str, engine_defaults: dict,
+                       page_size: int | None = None) -> str:
+    spec = {"defaults": engine_defaults, "page_size": page_size}
+    blob = json.dumps(spec, sort_keys=True).encode().hex()
     return f"{__name__}:{family_name}__{blob}"
 
 
@@ -85,12 +90,14 @@ def _validator_class(name: str) -> type[DiffusionRequestValidator]:
     family_name, blob = name.split("__", 1)
     if family_name not in FAMILIES_BY_NAME:
         raise AttributeError(name)
+    spec = json.loads(bytes.fromhex(blob))
     return type(
         name,
         (DiffusionRequestValidator,),
         {
             "family_name": family_name,
-            "engine_defaults": json.loads(bytes.fromhex(blob)),
+            "engine_defaults": spec["defaults"],
+            "page_size": spec["page_size"],
             "__module__": __name__,
             "__qualname__": name,
         },

@@ -17,6 +17,10 @@ class Family:
     model_type: str  # transformers AutoConfig name (config.json "model_type")
     module: str  # where the config and model classes live
     config_class: str
+    # Causal across blocks (SDAR): finished blocks' K/V are final, go into
+    # vLLM's KV pages once and may be shared through prefix caching
+    # (``docs/architecture/overview.md``, "Block-causal families").
+    block_causal: bool = False
 
     @property
     def model_class_path(self) -> str:
@@ -41,6 +45,15 @@ FAMILIES: dict[str, Family] = {
             model_type="Dream",
             module="vllm_omni.models.dream",
             config_class="DreamConfig",
+        ),
+        Family(
+            name="sdar",
+            title="SDAR",
+            architecture="SDARForCausalLM",
+            model_type="sdar",
+            module="vllm_omni.models.sdar",
+            config_class="SDARConfig",
+            block_causal=True,
         ),
     )
 }

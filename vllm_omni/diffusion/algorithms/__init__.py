@@ -2,7 +2,7 @@
 positions to commit and with which tokens.
 
 One file per algorithm, which registers itself (``registry.py``); the
-families' shared arithmetic lives in ``llada.py`` and ``dream.py``. Every
+families' shared arithmetic lives in ``llada.py``, ``dream.py`` and ``sdar.py``. Every
 module of this package is imported here, so adding an algorithm is adding
 its file (``docs/architecture/overview.md``, "Knobs and algorithms").
 """
@@ -11,10 +11,10 @@ import importlib
 import pkgutil
 
 from vllm_omni.diffusion.algorithms.registry import (ALGORITHMS, Algorithm, algorithms_for,
-                                                     register_algorithm)
+                                                     apply_commit, register_algorithm)
 
-__all__ = ["ALGORITHMS", "Algorithm", "algorithms_for", "draws_random", "ends_on_schedule",
-           "register_algorithm"]
+__all__ = ["ALGORITHMS", "Algorithm", "algorithms_for", "apply_commit", "draws_random",
+           "ends_on_schedule", "register_algorithm"]
 
 for _module in pkgutil.iter_modules(__path__, f"{__name__}."):
     importlib.import_module(_module.name)

@@ -6,11 +6,15 @@ A commit function is
 ``commit(logits, masked, step, params, generator) -> (positions, tokens)``:
 ``logits`` are the block's rows [block_length, vocab], ``masked`` says which
 block positions are still masks, ``step`` counts the steps taken on this
-block, ``params`` is the request's ``DiffusionParams``.
+block, ``params`` is the request's ``DiffusionParams``. ``positions`` are
+block indices with one token each, or a bool selection over the block with
+``tokens`` one per block position (``apply_commit``).
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import torch
 
 from vllm_omni.diffusion.knobs import KNOBS_BY_NAME
 
@@ -70,3 +74,12 @@ def algorithms_for(family: str) -> tuple[str, ...]:
     default = KNOBS_BY_NAME["algorithm"].default_for(family)
     names = sorted(a.name for a in ALGORITHMS.values() if family in a.families)
     return tuple(sorted(names, key=lambda n: n != default))
+
+
+def apply_commit(block: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor) -> None:
+    """Write a commit into the block (in place). A selection is applied
+    without a look at the device (no count of the selected positions)."""
+    if positions.dtype == torch.bool:
+        block.copy_(torch.where(positions, tokens, block))
+    else:
+        block[positions] = tokens
