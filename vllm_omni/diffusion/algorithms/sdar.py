@@ -45,7 +45,8 @@ def quota(step: int, params) -> int:
 
 
 def _top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
-    kth = torch.topk(logits, k).values[..., -1, None]
+    # k past the vocabulary keeps everything (the reference's topk would raise).
+    kth = torch.topk(logits, min(k, logits.shape[-1])).values[..., -1, None]
     return torch.where(logits < kth, torch.full_like(logits, float("-inf")), logits)
 
 
