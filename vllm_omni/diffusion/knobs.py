@@ -100,13 +100,19 @@ class Knob:
                 f"{self.high}{']' if self.closed[1] else ')'}")
 
 
+# The cache modes of each family that has them (the ``cache`` knob).
+_CACHES = {"llada": ("none", "prefix", "dual"), "dream": ("none", "prefix", "dual"),
+           "fast_dllm_v2": ("none", "block")}
+
 # SDAR's defaults are its official sampler's command line (block 4, 4 steps,
-# low_confidence_dynamic at 0.85; JetAstra/SDAR generate.py).
+# low_confidence_dynamic at 0.85; JetAstra/SDAR generate.py). Fast-dLLM v2's
+# are its model card's call of the checkpoint's generate (sub-blocks of 8,
+# threshold 0.9; top_p is generate's own default).
 KNOBS: tuple[Knob, ...] = (
     Knob("algorithm", str, "which masked positions a step commits, with which tokens "
          "(`vllm_omni/diffusion/algorithms/`, one file each)",
          default={"llada": "low_confidence", "dream": "maskgit_plus",
-                  "sdar": "low_confidence_dynamic"},
+                  "sdar": "low_confidence_dynamic", "fast_dllm_v2": "parallel_threshold"},
          choices=_algorithms_of),
     Knob("steps", int, "denoising steps over all blocks; must divide evenly across the "
          "blocks and be at most the canvas length",
@@ -115,13 +121,18 @@ KNOBS: tuple[Knob, ...] = (
     Knob("block_length", int, "block size. LLaDA, Dream: semi-autoregressive blocks after "
          "the prompt, at most `max_tokens` (a default larger than `max_tokens` shrinks to "
          "it); SDAR: blocks counted from position 0, must divide the KV page size "
-         "(`block_size`, 32 unless set)",
-         default={"llada": 32, "sdar": 4}, low=1, none_doc="the whole canvas"),
-    Knob("cache", str, "`none`: exact, each step runs the whole canvas; `prefix`, `dual`: "
-         "Fast-dLLM's caches, refreshed at each block start (the prefix's keys go to the "
-         "request's pages of vLLM's KV cache)",
-         default="none", families=("llada", "dream"), choices=("none", "prefix", "dual"),
-         loop=True),
+         "(`block_size`, 32 unless set). Fast-dLLM v2 takes none: its blocks are the "
+         "checkpoint's `bd_size` (32)",
+         default={"llada": 32, "sdar": 4}, families=("llada", "dream", "sdar"), low=1,
+         none_doc="the whole canvas", loop=True),
+    Knob("cache", str, "`none`: exact, each step runs the whole canvas (Fast-dLLM v2: the "
+         "whole block over the stored blocks); `prefix`, `dual`: Fast-dLLM's caches, refreshed "
+         "at each block start (the prefix's keys go to the request's pages of vLLM's KV "
+         "cache); `block`: Fast-dLLM v2's `use_block_cache`, a step whose sub-block starts "
+         "with a decided token runs only the sub-block, over the block's keys and values "
+         "from its last whole-block step",
+         default="none", families=("llada", "dream", "fast_dllm_v2"),
+         choices=_CACHES.__getitem__, loop=True),
     Knob("threshold", float, "confidence-threshold parallel decoding (Fast-dLLM)",
          families=("llada",), low=0, high=1, closed=(False, True), nullable=True),
     Knob("denoising_steps_per_block", int, "denoising steps of each block (SDAR's "
@@ -132,6 +143,14 @@ KNOBS: tuple[Knob, ...] = (
          "masked position whose drawn token's probability is strictly above it when they "
          "are at least the step's quota, else the quota's most confident",
          default={"sdar": 0.85}, families=("sdar",), low=0, high=1),
+    Knob("small_block_size", int, "Fast-dLLM v2's sub-block: a block's sub-blocks of this "
+         "many tokens are decoded left to right, each step reading only the current one's "
+         "logits; must divide the block length",
+         default={"fast_dllm_v2": 8}, families=("fast_dllm_v2",), low=1, loop=True),
+    Knob("unmask_threshold", float, "`parallel_threshold` (Fast-dLLM v2's `threshold`): a "
+         "step commits every masked position of the sub-block whose confidence is strictly "
+         "above it, plus the most confident one; 1: one token per step",
+         default={"fast_dllm_v2": 0.9}, families=("fast_dllm_v2",), low=0, high=1),
     Knob("eps", float, "last time of the schedule `linspace(1, eps, steps+1)`",
          default=1e-3, families=("dream",), low=0, high=1, closed=(False, False),
          nullable=True, off=1e-3),
@@ -143,7 +162,8 @@ KNOBS: tuple[Knob, ...] = (
          sampling_field_set=lambda v: v > 0),
     Knob("top_p", float, "nucleus filtering before drawing; 1: off; "
          "`SamplingParams.top_p` sets it too",
-         families=("dream", "sdar"), low=0, high=1, closed=(False, True), nullable=True,
+         default={"fast_dllm_v2": 0.95}, families=("dream", "sdar", "fast_dllm_v2"), low=0,
+         high=1, closed=(False, True), nullable=True,
          sampling_field_set=lambda v: v < 1),
     Knob("alg_temp", float, "sample the committed positions from "
          "softmax(confidence / alg_temp); 0: the most confident",

@@ -34,6 +34,13 @@ class _Shape:
     def steps_per_block(self) -> int:
         return self.steps // self.num_blocks
 
+    @property
+    def max_block_steps(self) -> int:
+        """Block-causal: the steps a block takes at most unless the model
+        draws the mask token itself (then the denoiser stops drawing it):
+        SDAR's schedule, else one committed position per step."""
+        return self.denoising_steps_per_block or self.block_length
+
 
 # One field per knob of the table (``steps`` counts all blocks), so a knob is
 # declared once; a family that does not take a knob holds its ``off`` value.
@@ -61,13 +68,14 @@ def check_knobs(knobs: Any, family: Family, where: str = "extra_args") -> dict:
 
 def resolve_params(
     family: Family, sampling_params, engine_defaults: dict | None = None,
-    page_size: int | None = None,
+    page_size: int | None = None, block_length: int | None = None,
 ) -> DiffusionParams:
     """The request's decoding parameters, from its ``SamplingParams``.
     ``top_k``/``top_p`` there are the request's own (vLLM resets them for
     greedy requests, hence the knobs of the same names, which win).
     ``page_size``: the KV page size a block-causal family's block length
-    must divide (``block_causal_page_size``)."""
+    must divide (``block_causal_page_size``). ``block_length``: the block
+    length of a family whose checkpoint fixes it (``fixed_block_length``)."""
     knobs = {k.name: k.default_for(family.name) for k in knobs_of(family.name)}
     for knob in KNOBS:
         if knob.sampling_field_set is None:
@@ -84,6 +92,11 @@ def resolve_params(
 
     max_tokens = _MAX_TOKENS.check(sampling_params.max_tokens, family.name)
     if family.block_causal:
+        if family.block_length_key is not None:
+            if block_length is None:
+                raise ValueError(f"{family.name}: the checkpoint's block length "
+                                 f"({family.block_length_key}) is needed")
+            knobs["block_length"] = block_length
         return _block_causal_params(knobs, max_tokens, sampling_params.temperature, page_size)
     if requested.get("block_length", 0) > max_tokens:
         fail("block_length", f"must be <= max_tokens ({max_tokens}), "
@@ -106,6 +119,13 @@ def resolve_params(
 
 
 
+def fixed_block_length(family: Family, hf_config) -> int | None:
+    """The block length the checkpoint fixes (``Family.block_length_key``)."""
+    if family.block_length_key is None:
+        return None
+    return getattr(hf_config, family.block_length_key)
+
+
 def block_causal_page_size(cache_config) -> int:
     """The token boundary every prefix-cache hit lands on (vLLM's
     ``prefix_match_unit``, by default the KV page size ``block_size``): a
@@ -121,16 +141,21 @@ def _divisors(n: int) -> list[int]:
 
 def _block_causal_params(knobs: dict, max_tokens: int, temperature: float,
                          page_size: int | None) -> DiffusionParams:
-    """Blocks from absolute position 0 (SDAR): the block length divides the
-    KV page size and bounds the steps per block; no canvas to fit."""
+    """Blocks from absolute position 0 (SDAR, Fast-dLLM v2): the block
+    length divides the KV page size and bounds the steps per block, the
+    sub-block divides it; no canvas to fit."""
     block_length = knobs["block_length"]
     if page_size is not None and page_size % block_length:
         fail("block_length", f"must divide the KV page size {page_size} (block_size), one of "
              f"{_divisors(page_size)}, got {block_length}")
-    steps = knobs["denoising_steps_per_block"]
-    if steps > block_length:
+    steps = knobs.get("denoising_steps_per_block")
+    if steps is not None and steps > block_length:
         fail("denoising_steps_per_block", f"must be <= block_length ({block_length}): a step "
              f"commits at least one token, got {steps}")
+    sub_block = knobs.get("small_block_size")
+    if sub_block is not None and block_length % sub_block:
+        fail("small_block_size", f"must divide the block length {block_length}, one of "
+             f"{_divisors(block_length)}, got {sub_block}")
     # canvas_length is not read for these families (each step decodes the
     # block after the tokens vLLM holds); kept as max_tokens in whole blocks.
     values = {k.name: k.off if knobs.get(k.name) is None else knobs[k.name] for k in KNOBS}

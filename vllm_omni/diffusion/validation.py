@@ -7,10 +7,11 @@ vLLM calls ``validate_params`` of every custom logits processor class named in
 (``vllm_omni.engine_config``) adds one such class for diffusion models only.
 
 The class must know the model family, the engine-wide defaults and (for a
-block-causal family) the KV page size its block lengths must divide, and vLLM
-names it by a ``module:qualname`` string that every process re-imports; so the
-name itself carries them (``llada__<hex of {"defaults", "page_size"} as
-JSON>``) and this module's ``__getattr__`` rebuilds the class from its name.
+block-causal family) the KV page size its block lengths must divide and the
+block length its checkpoint fixes, and vLLM names it by a ``module:qualname``
+string that every process re-imports; so the name itself carries them
+(``llada__<hex of {"defaults", "page_size", "block_length"} as JSON>``) and
+this module's ``__getattr__`` rebuilds the class from its name.
 """
 
 import json
@@ -52,6 +53,7 @@ class DiffusionRequestValidator(LogitsProcessor):
     family_name = ""
     engine_defaults: dict = {}
     page_size: int | None = None
+    block_length: int | None = None
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams):
@@ -63,7 +65,7 @@ class DiffusionRequestValidator(LogitsProcessor):
                     parameter=field,
                 )
         resolve_params(FAMILIES_BY_NAME[cls.family_name], sampling_params, cls.engine_defaults,
-                       cls.page_size)
+                       cls.page_size, cls.block_length)
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         pass
@@ -79,8 +81,8 @@ class DiffusionRequestValidator(LogitsProcessor):
 
 
 def validator_qualname(family_name: str, engine_defaults: dict,
-                       page_size: int | None = None) -> str:
-    spec = {"defaults": engine_defaults, "page_size": page_size}
+                       page_size: int | None = None, block_length: int | None = None) -> str:
+    spec = {"defaults": engine_defaults, "page_size": page_size, "block_length": block_length}
     blob = json.dumps(spec, sort_keys=True).encode().hex()
     return f"{__name__}:{family_name}__{blob}"
 
@@ -98,6 +100,7 @@ def _validator_class(name: str) -> type[DiffusionRequestValidator]:
             "family_name": family_name,
             "engine_defaults": spec["defaults"],
             "page_size": spec["page_size"],
+            "block_length": spec.get("block_length"),
             "__module__": __name__,
             "__qualname__": name,
         },

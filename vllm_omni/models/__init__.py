@@ -21,6 +21,10 @@ class Family:
     # vLLM's KV pages once and may be shared through prefix caching
     # (``docs/architecture/overview.md``, "Block-causal families").
     block_causal: bool = False
+    # The config key that fixes a block-causal family's block length (its
+    # training block, Fast-dLLM v2's ``bd_size``); requests do not choose it.
+    # None: the ``block_length`` knob.
+    block_length_key: str | None = None
 
     @property
     def model_class_path(self) -> str:
@@ -54,6 +58,16 @@ FAMILIES: dict[str, Family] = {
             module="vllm_omni.models.sdar",
             config_class="SDARConfig",
             block_causal=True,
+        ),
+        Family(
+            name="fast_dllm_v2",
+            title="Fast-dLLM v2",
+            architecture="Fast_dLLM_QwenForCausalLM",
+            model_type="Fast_dLLM_Qwen",
+            module="vllm_omni.models.fast_dllm_v2",
+            config_class="Fast_dLLM_QwenConfig",
+            block_causal=True,
+            block_length_key="bd_size",
         ),
     )
 }

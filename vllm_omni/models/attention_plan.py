@@ -10,6 +10,11 @@ positions ``[q_start, q_end)`` and attends to:
 - ``[q_end, keys_end)``: (dual cache) keys of the positions after the block,
   kept from the refresh forward in the ``KeyArena``.
 
+A sequence with ``keys_start`` < ``q_start`` (Fast-dLLM v2's block cache,
+``diffusion/block_causal.py``) reads the pages only up to ``keys_start`` and
+the arena's keys of ``[keys_start, keys_end)``: its queries are a sub-block
+inside a block whose other positions keep keys from an earlier forward.
+
 ``write`` names the positions whose fresh keys and values this forward puts
 into the pages: Fast-dLLM's refresh writes its prefix ``[0, block start)``; a
 block-causal store sequence (SDAR, ``diffusion/block_causal.py``) is one
@@ -61,6 +66,13 @@ class SequencePlan:
     write: tuple[int, int] | None = None
     keys_end: int | None = None  # local keys run to here (None: q_end); > q_end: dual cache
     arena_start: int = 0  # the arena row of position 0
+    # Local keys start here (None: q_start); the pages hold the keys before
+    # it. Below q_start only with the arena (keys_end set).
+    keys_start: int | None = None
+
+    @property
+    def local_start(self) -> int:
+        return self.q_start if self.keys_start is None else self.keys_start
 
     @property
     def num_queries(self) -> int:
@@ -94,7 +106,7 @@ class AttentionPlan:
             page_size, device)
 
         # Paged prefixes to read.
-        self.prefix_lens = tuple(s.q_start for s in seqs)
+        self.prefix_lens = tuple(s.local_start for s in seqs)
         self.block_table = None
         if any(self.prefix_lens):
             width = max(len(s.pages or ()) for s in seqs)
@@ -109,8 +121,8 @@ class AttentionPlan:
                 [torch.arange(s.arena_start + s.q_start, s.arena_start + s.q_end) for s in seqs]
             ).to(device)
             self.local_keys = SequenceBatch(
-                tuple(s.arena_start + s.q_start for s in seqs),
-                tuple((s.keys_end or s.q_end) - s.q_start for s in seqs),
+                tuple(s.arena_start + s.local_start for s in seqs),
+                tuple((s.keys_end or s.q_end) - s.local_start for s in seqs),
             )
 
     def attend(self, layer: int, q, k, v, scale: float, kv_cache: torch.Tensor) -> torch.Tensor:

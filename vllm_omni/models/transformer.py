@@ -249,6 +249,10 @@ class DiffusionLM(nn.Module):
     # the runner then stores each finished block's keys in vLLM's pages once
     # and decodes the next block over them (``diffusion/block_causal.py``).
     block_causal: bool = False
+    # Block-causal only (Fast-dLLM v2): a block's first token is the argmax of
+    # the last row of the forward that stores the block before it (an AR
+    # step), not a denoised position.
+    block_starts_with_ar_token: bool = False
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
@@ -301,14 +305,16 @@ class DiffusionLM(nn.Module):
         positions: torch.Tensor,
         plan: AttentionPlan,
         rows: torch.Tensor,
+        shift: bool = True,
     ) -> torch.Tensor:
         """Logits predicting the tokens at packed query rows ``rows``. Only
         the rows they are read from go through the LM head (none: a forward
-        that only stores keys, which returns None)."""
+        that only stores keys, which returns None). ``shift=False``: ``rows``
+        are the rows to read (the caller applied ``logit_shift``)."""
         hidden = self.model(input_ids, positions, plan)
         if rows.numel() == 0:
             return None
-        return self.compute_logits(hidden[rows - self.logit_shift])
+        return self.compute_logits(hidden[rows - self.logit_shift if shift else rows])
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return load_mapped_weights(self, weights, self.map_weight_name, self.__class__.__name__)

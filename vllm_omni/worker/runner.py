@@ -28,7 +28,9 @@ from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 from vllm_omni.diffusion.block_causal import BlockCausalDenoiser, BlockWork
 from vllm_omni.diffusion.denoiser import Denoiser, StepStats
 from vllm_omni.diffusion.image_denoiser import ImageDenoiser, ImageJob, ImageParams
-from vllm_omni.diffusion.params import DiffusionParams, block_causal_page_size, resolve_params
+from vllm_omni.diffusion.knobs import KNOBS_BY_NAME
+from vllm_omni.diffusion.params import (DiffusionParams, block_causal_page_size,
+                                        fixed_block_length, resolve_params)
 from vllm_omni.engine_config import CUDA_GRAPHS_KEY, IMAGE_TOKENS, IMAGE_TOKENS_KEY
 from vllm_omni.models import FAMILIES
 from vllm_omni.models.qwen_image.model import QwenImagePipeline
@@ -49,9 +51,13 @@ class DiffusionRunnerMixin:
                                                 additional.get(IMAGE_TOKENS_KEY, IMAGE_TOKENS))
         if not isinstance(model, DiffusionLM):
             return
+        family = FAMILIES[model.__class__.__name__]
         if model.block_causal:
+            # Block lengths divide the page size (engine_config.py).
             self.denoiser = BlockCausalDenoiser(
-                model, self.device, self.scheduler_config.max_num_batched_tokens)
+                model, self.device, self.scheduler_config.max_num_batched_tokens,
+                max_block_length=self.cache_config.block_size,
+                block_cache="block" in _cache_modes(family))
             self.kv_frontier: dict[str, int] = {}  # per request (module docstring)
             self.cpu_generators: dict[str, torch.Generator] = {}
         else:
@@ -63,7 +69,7 @@ class DiffusionRunnerMixin:
                 self.scheduler_config.max_num_seqs,
                 cuda_graphs=additional.get(CUDA_GRAPHS_KEY, False),
             )
-        self.diffusion_family = FAMILIES[model.__class__.__name__]
+        self.diffusion_family = family
         self.diffusion_defaults = additional.get("diffusion", {})
         self.diffusion_params: dict[str, DiffusionParams] = {}
 
@@ -213,10 +219,12 @@ class DiffusionRunnerMixin:
             end = computed + scheduled
             store_end = end // params.block_length * params.block_length
             self.kv_frontier[req_id] = store_end
+            max_tokens = state.sampling_params.max_tokens
             works.append(BlockWork(
                 req_id, tokens, frontier, store_end, decode=end >= len(tokens), params=params,
                 generator=self._block_generator(req_id, state),
-                pages=self._kv_pages(state.block_ids[0])))
+                pages=self._kv_pages(state.block_ids[0]),
+                max_new=None if max_tokens is None else max_tokens - len(state.output_token_ids)))
         return works
 
     def _block_generator(self, req_id: str, state) -> torch.Generator | None:
@@ -280,7 +288,12 @@ class DiffusionRunnerMixin:
             page_size = (block_causal_page_size(self.cache_config)
                          if self.diffusion_family.block_causal else None)
             params = resolve_params(
-                self.diffusion_family, sampling_params, self.diffusion_defaults, page_size
-            )
+                self.diffusion_family, sampling_params, self.diffusion_defaults, page_size,
+                fixed_block_length(self.diffusion_family, self.model_config.hf_config))
             self.diffusion_params[req_id] = params
         return params
+
+
+def _cache_modes(family) -> tuple:
+    cache = KNOBS_BY_NAME["cache"]
+    return cache.allowed_values(family.name) if cache.applies_to(family.name) else ()

@@ -4,11 +4,13 @@ algorithms").
 
 A commit function is
 ``commit(logits, masked, step, params, generator) -> (positions, tokens)``:
-``logits`` are the block's rows [block_length, vocab], ``masked`` says which
-block positions are still masks, ``step`` counts the steps taken on this
-block, ``params`` is the request's ``DiffusionParams``. ``positions`` are
-block indices with one token each, or a bool selection over the block with
-``tokens`` one per block position (``apply_commit``).
+``logits`` are the block's rows [block_length, vocab] (a block-causal
+family with sub-blocks: the current sub-block's rows only, the "window";
+``diffusion/block_causal.py``), ``masked`` says which of those positions are
+still masks, ``step`` counts the steps taken on this block, ``params`` is the
+request's ``DiffusionParams``. ``positions`` are indices into those rows with
+one token each, or a bool selection over them with ``tokens`` one per row
+(``apply_commit``).
 """
 
 from collections.abc import Callable
