@@ -16,6 +16,14 @@
   scheduler output's ``num_scheduled_tokens`` in scheduling order and
   ``CachedRequestState.num_computed_tokens`` at scheduling (the KV frontier,
   ``worker/runner.py``): the same in both, no shim.
+- Fast-dLLM v2 relies on ``ModelConfig.get_diff_sampling_param`` skipping
+  ``override_generation_config`` entries set to None (``engine_config.py``
+  drops generation_config defaults that way) and on
+  ``CachedRequestState.sampling_params.max_tokens`` (the runner skips a block
+  whose AR token alone fills ``max_tokens``): the same in both, no shim.
+  transformers 5 reports a config's plain RoPE as
+  ``rope_scaling={"rope_type": "default", ...}`` where 4.x gives None; the
+  model's check takes both.
 - IO processor plugins (``entrypoints/image_io.py``), online ``/pooling``:
   0.26 runs ``parse_data``, ``pre_process``, the render and
   ``merge_pooling_params()`` as one function on the renderer's thread pool;
