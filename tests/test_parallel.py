@@ -101,6 +101,36 @@ def test_tensor_parallel_2_is_token_exact(family, variant, monkeypatch):
         del llm
 
 
+@pytest.mark.parametrize("variant", TP_VARIANTS)
+def test_tensor_parallel_2_block_causal_is_token_exact(variant, monkeypatch):
+    """SDAR's block-causal mode under TP=2 (stores and denoising steps sharing
+    forwards, seeded sampling included): the golden tokens, and the same
+    blocks on both ranks."""
+    from test_sdar_golden import SDAR, cases, check, generate
+
+    for key, value in TWO_RANKS_ENV.items():
+        monkeypatch.setenv(key, value)
+    llm = start_engine(str(SDAR / "tiny"), tensor_parallel_size=2,
+                       enforce_eager=variant == "eager", max_num_batched_tokens=64,
+                       long_prefill_token_threshold=32)
+    batch = cases()
+
+    def check_golden():
+        for case, tokens in zip(batch, generate(llm, batch)):
+            check(case, tokens)
+        crcs = _ranks_crcs(llm)
+        assert len(crcs) == 2 and crcs[0] == crcs[1] != 0, crcs
+
+    try:
+        _ranks_crcs(llm)
+        check_golden()
+        if variant == "eager_then_graph_shaped":
+            with graph_shaped_steps(llm):
+                check_golden()
+    finally:
+        del llm
+
+
 def test_data_parallel_2_spreads_requests_and_is_token_exact():
     data = golden_cases("llada_cases.json")["cases"]
     server = Server(str(ASSETS / "llada-tiny"), "--served-model-name", "llada",

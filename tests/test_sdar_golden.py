@@ -17,7 +17,7 @@ import torch
 from vllm import SamplingParams
 from vllm.sampling_params import RequestOutputKind
 
-from conftest import REPO, checked_bookkeeping, start_engine
+from conftest import REPO, checked_bookkeeping, graph_shaped_steps, start_engine
 from vllm_omni.compat import RequestError
 
 SDAR = REPO / "tests" / "sdar"
@@ -145,6 +145,40 @@ def test_stores_share_forwards_with_denoising_steps(sdar_llm):
     assert stats["steps"] == case["nfe_breakdown"]["denoise"], stats
 
 
+def test_forwards_replay_cuda_graphs_on_cuda(sdar_llm):
+    """On CUDA every forward here (at most 64 tokens: the engine's budget)
+    replays a graph, stores and denoising steps alike; elsewhere none is
+    captured."""
+    sdar_llm.collective_rpc("diffusion_step_stats", kwargs={"reset": True})
+    batch = cases()[:4]
+    for case, tokens in zip(batch, generate(sdar_llm, batch)):
+        check(case, tokens)
+    stats = sdar_llm.collective_rpc("diffusion_step_stats")[0]
+    want = stats["steps"] if torch.cuda.is_available() else 0
+    assert stats["steps"] > 0 and stats["graph_steps"] == want, stats
+
+
+def test_graph_shaped_forwards_are_exact(sdar_llm):
+    """The forward the CUDA graphs capture (each plan copied into fixed
+    buffers, padded to its bucket: token rows gather the spare row, page
+    writes land in page 0, tile rows are empty, logits rows read row 0), run
+    without capture: all cases in one batch, stores and denoising steps of
+    every request sharing forwards, token for token; singly (other buckets);
+    and the last block cut by max_tokens. Every forward fits a graph."""
+    with graph_shaped_steps(sdar_llm):
+        sdar_llm.collective_rpc("diffusion_step_stats", kwargs={"reset": True})
+        batch = cases()
+        for case, tokens in zip(batch, generate(sdar_llm, batch, ignore_eos=False)):
+            check(case, tokens, ignore_eos=False)
+        for case in batch[::4]:
+            check(case, generate(sdar_llm, [case])[0])
+        cut = [c for c in batch if c["gen_length"] < len(c["generated_ids"])]
+        for case, tokens in zip(cut, generate(sdar_llm, cut, max_tokens=lambda c: c["gen_length"])):
+            check(case, tokens, max_tokens=case["gen_length"])
+        stats = sdar_llm.collective_rpc("diffusion_step_stats")[0]
+        assert stats["steps"] > 0 and stats["graph_steps"] == stats["steps"], stats
+
+
 def test_streaming_returns_one_block_per_chunk(sdar_llm):
     case = next(c for c in cases() if c["name"] == "seq_b4_s4_greedy_p8")
     params = params_for(case)
@@ -246,12 +280,17 @@ def _preemptions(llm) -> int:
     return sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
 
 
-def test_preempted_requests_resume_exactly(small_kv_sdar):
+@pytest.mark.parametrize("graph_shaped", [False, True])
+def test_preempted_requests_resume_exactly(small_kv_sdar, graph_shaped):
     batch = [c for c in cases() if c["prompt_length"] + len(c["generated_ids"]) <= MAX_LEN]
     assert len(batch) == 13
     before = _preemptions(small_kv_sdar)
     with checked_bookkeeping(small_kv_sdar) as log:
-        got = generate(small_kv_sdar, batch * 2)
+        if graph_shaped:  # the static forward CUDA graphs capture (conftest)
+            with graph_shaped_steps(small_kv_sdar):
+                got = generate(small_kv_sdar, batch * 2)
+        else:
+            got = generate(small_kv_sdar, batch * 2)
     assert _preemptions(small_kv_sdar) > before
     assert log["steps"] > 0 and log["mismatches"] == []
     for case, tokens in zip(batch * 2, got):

@@ -40,6 +40,10 @@ What a family changes (flags of its model class, knobs of its requests):
   pages and the arena's block (its own rows rewritten in place); other steps
   run the whole block and refresh all of it.
 
+Each forward is one ``AttentionPlan`` built by ``block_plan.py``, replayed
+as a CUDA graph when it fits (``cuda_graphs.py``): stores, denoising steps
+and AR tokens alike.
+
 Under tensor parallelism every rank runs the same loop on the same logits;
 only a step with a job that draws from the global generator (sampling
 without a seed) broadcasts rank 0's blocks, as in ``denoiser.py``.
@@ -54,9 +58,11 @@ import torch
 from vllm.distributed import get_tensor_model_parallel_world_size, get_tp_group
 
 from vllm_omni.diffusion.algorithms import ALGORITHMS, apply_commit, draws_random
+from vllm_omni.diffusion.block_plan import BlockPlans
+from vllm_omni.diffusion.cuda_graphs import Forwards
 from vllm_omni.diffusion.denoiser import StepStats
 from vllm_omni.diffusion.params import DiffusionParams
-from vllm_omni.models.attention_plan import AttentionPlan, KeyArena, SequencePlan
+from vllm_omni.models.attention_plan import KeyArena
 
 
 @dataclass
@@ -113,20 +119,26 @@ class BlockWork:
 
 class BlockCausalDenoiser:
     def __init__(self, model, device: torch.device, token_budget: int,
-                 max_block_length: int = 0, block_cache: bool = False):
+                 max_block_length: int = 0, block_cache: bool = False,
+                 max_model_len: int = 0, max_num_seqs: int = 1, cuda_graphs: bool = False):
         self.stats = StepStats()
         self.model = model
         self.device = device
         self.token_budget = token_budget
         self.mask_token_id = model.mask_token_id
         self.tp_size = get_tensor_model_parallel_world_size()
-        # Block cache: a group's first forward packs at most the budget (or
-        # one request's stores, at most the budget, and its block), each
-        # query at an arena row of its own.
-        self.arena_rows = token_budget + max_block_length if block_cache else 0
+        # A group's token rows (``block_plan.py``), with the block cache also
+        # its arena rows: its blocks, then its stores. A group packs at most
+        # the budget, or one request whose stores pass it by up to a block
+        # (they start at its KV frontier, a block boundary below what vLLM
+        # had computed), and its block.
+        rows = token_budget + 2 * max_block_length
+        self.arena_rows = rows if block_cache else 0
+        self.plans = BlockPlans(device, rows, self.mask_token_id, model.logit_shift)
+        self.forwards = Forwards(model, device, max_model_len, max_num_seqs, cuda_graphs)
+        self._graphed = False  # whether the last forward replayed a graph
         self.arena: KeyArena | None = None
         self._store_row = 0  # a group's first arena row for store sequences
-        self._sentinel = torch.full((1,), self.mask_token_id, device=device)
 
     def page_size(self) -> int:
         return self.model.kv_cache_page_size()
@@ -141,8 +153,14 @@ class BlockCausalDenoiser:
             self.arena = KeyArena(kv.num_layers, self.arena_rows, kv.num_kv_heads, kv.head_dim,
                                   kv.dtype, self.device)
 
+    def set_step_graphs(self, enabled: bool, capture: bool = True) -> None:
+        """Run forwards through CUDA graphs or not; ``capture=False`` runs
+        their static forward eagerly (how the tests check it off the GPU)."""
+        self.forwards.set_graphs(enabled, capture)
+
     def release_graphs(self) -> None:
-        """No CUDA graphs of this mode yet (``docs/architecture/overview.md``)."""
+        """Drop the CUDA graphs (recaptured on next need), e.g. before sleep."""
+        self.forwards.release()
 
     def run(self, works: list[BlockWork]) -> dict[str, list[int]]:
         """Store every work's blocks and decode the ready ones; returns each
@@ -161,8 +179,12 @@ class BlockCausalDenoiser:
                 tokens = 0
             groups[-1].append(work)
             tokens += work.num_tokens()
-        for group in groups:
+        for i, group in enumerate(groups):
             self._run_group(group)
+            if i + 1 < len(groups):  # the next group reuses the token rows
+                for work in group:
+                    if work.block is not None:
+                        work.block = work.block.clone()
         decoded = [w for w in works if w.decode]
         if not decoded:
             return {}
@@ -182,6 +204,7 @@ class BlockCausalDenoiser:
 
     def _run_group(self, works: list[BlockWork]) -> None:
         decoding = [w for w in works if w.decode]
+        self.plans.start_group(works, sum(w.block_length for w in decoding))
         active, awaiting, row = [], [], 0
         for work in decoding:
             work.arena_row = row  # the block's rows in the arena (block cache)
@@ -223,19 +246,19 @@ class BlockCausalDenoiser:
                 if (work.max_new is None or work.max_new > 1) and 1 < work.block_length:
                     active.append(work)
             awaiting = []
-            self.stats.record(False, issued - start, time.perf_counter() - start)
+            self.stats.record(self._graphed, issued - start, time.perf_counter() - start)
 
     def _start_block(self, work: BlockWork, first: torch.Tensor, n: int) -> None:
-        """The block: its ``n`` first tokens, then masks."""
-        work.block = torch.full((work.block_length,), self.mask_token_id, device=self.device)
-        work.block[:n] = first.to(self.device)
+        """The block: its ``n`` first tokens, then masks (its rows of the
+        token buffer, masked by ``start_group``)."""
+        work.block = self.plans.block(work)
+        if n:
+            work.block[:n] = first.to(self.device)
         work.first_mask, work.step = n, 0
 
     def _first_masks(self, works: list[BlockWork]) -> list[int]:
-        # A mask appended to each block: its index means "none masked".
-        firsts = [(torch.cat([w.block, self._sentinel]) == self.mask_token_id).int().argmax()
-                  for w in works]
-        return torch.stack(firsts).tolist()
+        # One gather of the blocks' token rows (``block_plan.py``).
+        return self.plans.first_masks(works)
 
     def _forward(self, stores: list[BlockWork], active: list[BlockWork],
                  awaiting: list[BlockWork]):
@@ -246,53 +269,14 @@ class BlockCausalDenoiser:
         if any(w.block_cache for w in active):
             self.allocate_arena()
             arena = self.arena
-        store_row = self._store_row
-        seqs, ids, ar_seqs = [], [], {}
-        for work in stores:
-            for s in work.store_blocks():
-                end = s + work.block_length
-                seqs.append(SequencePlan(end, s, end, work.pages, write=(s, end),
-                                         arena_start=store_row - s))
-                ids.append(torch.tensor(work.tokens[s:end]))
-                store_row += work.block_length
-            ar_seqs[work.req_id] = len(seqs) - 1
-        if arena is not None and store_row > self.arena_rows:
-            raise RuntimeError(f"block cache: {store_row} arena rows needed, "
-                               f"{self.arena_rows} allocated")
-        num_stores = len(seqs)
-        for work in active:
-            s, end = work.store_end, work.store_end + work.block_length
-            base = work.arena_row - s  # position p at arena row base + p
-            if work.sub_block_step():
-                lo, hi = work.window()
-                seqs.append(SequencePlan(end, s + lo, s + hi, work.pages, keys_start=s,
-                                         keys_end=end, arena_start=base))
-                ids.append(work.block[lo:hi])
-            else:
-                seqs.append(SequencePlan(end, s, end, work.pages, arena_start=base,
-                                         keys_end=end if work.block_cache else None))
-                ids.append(work.block)
-        stored = [torch.cat(ids[:num_stores]).to(self.device)] if num_stores else []
-        input_ids = torch.cat(stored + ids[num_stores:])
-        positions = torch.cat([torch.arange(s.q_start, s.q_end) for s in seqs]).to(self.device)
-        plan = AttentionPlan(seqs, self.page_size(), self.device, arena)
-        starts = plan.queries.starts
-        shift = self.model.logit_shift
-        rows = []
-        for work, seq, start in zip(active, seqs[num_stores:], starts[num_stores:]):
-            lo, hi = work.window()
-            first = seq.q_start - work.store_end  # the block position of its first query
-            rows.append(start + (torch.arange(lo, hi) - first - shift).clamp(min=0))
-        for work in awaiting:
-            index = ar_seqs[work.req_id]
-            rows.append(torch.tensor([starts[index] + seqs[index].num_queries - 1]))
-        rows = torch.cat(rows or [torch.zeros(0, dtype=torch.long)]).to(self.device)
-        self.stats.forward_tokens += len(positions)
-        logits = self.model.denoise_logits(input_ids, positions, plan, rows, shift=False)
+        plan = self.plans.plan(stores, active, awaiting, self._store_row, self.page_size(), arena)
+        self.stats.forward_tokens += plan.num_tokens
+        logits, self._graphed = self.forwards.run(plan, self.plans.tokens, self.plans.rows,
+                                                  self.stats)
         if logits is None:
             return None, []
-        split = len(logits) - len(awaiting)
-        return logits[:split], logits[split:]
+        n = len(awaiting)  # their AR rows come first: they are on store sequences
+        return logits[n:], logits[:n]
 
     def _step(self, work: BlockWork, logits: torch.Tensor, lo: int, hi: int) -> None:
         window = work.block[lo:hi]  # a view: the commit writes into the block

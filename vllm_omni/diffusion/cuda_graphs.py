@@ -1,34 +1,36 @@
-"""CUDA graphs of the denoising steps.
+"""A denoiser's forwards: CUDA graphs where they fit, eager otherwise.
 
-At batch 1 an 8B model's denoising forward is a few milliseconds of GPU work
-(7 ms for a 32-token block, 10 ms for a 384-token canvas on an H100), and
-launching its 400-600 kernels one by one from Python costs 12 ms: eager, the GPU
-waits on the host. So every forward of a small group (at most
-``MAX_GRAPH_TOKENS`` query tokens) replays a graph: exact-mode steps, the
-cache modes' refresh steps and their block steps alike.
+At batch 1 a denoising forward is a few milliseconds of GPU work, and
+launching its 400-600 kernels one by one from Python costs more (12 ms for an
+8B model, 16 ms for a 4B block-causal step on an H100): eager, the GPU waits
+on the host. So every forward of at most ``MAX_GRAPH_TOKENS`` query tokens
+replays a graph, whatever its kind: exact steps, the cache modes' refreshes
+and block steps, a block-causal family's stores and block steps, mixed.
 
-One graph serves any group with the same (sequence bucket, token bucket,
-block length). Its plan lives in fixed buffers (``StaticPlan``) that are
-refilled only when the group's layout changes (a new block, a request
-leaving), not at every step:
-- input ids are gathered inside the graph from the denoiser's canvas rows,
-  which the commits update in place, so a step copies nothing in;
-- every sequence's fresh keys go to the key arena (row = its arena start +
-  position) and its local keys are read back from there; its prefix comes
-  from vLLM's KV pages through a block-table buffer;
-- the attention kernel runs on a prebuilt tile table
-  (``kernels.attention_with_tiles``): no host-side work depends on the data;
-- padding (sequences up to the bucket, tokens up to the bucket) has no tile
-  rows, writes its keys to the arena's spare row, and its logits are never
-  read.
-A refresh's prefix keys are copied from the arena into the pages after the
-replay (``copy_prefix_to_pages``): how many there are changes every block.
+Both paths run the same plan (``models/attention_plan.py``). The eager one
+moves the plan's arrays to the device; a graph's ``PlanTensors`` are slices
+of fixed buffers (``StaticInputs``) into which a step copies the plan's
+arrays, padded (two host-to-device copies, and the block table when it
+changed; none when the plan is the one already there, as in a block's later
+steps). Inside the graph:
+- input ids are gathered from the caller's token buffer at the plan's rows
+  (the commits update that buffer in place);
+- keys go to vLLM's pages (``page_writes``) before each layer's attention, so
+  a block-causal store and the next block's first step share one replay;
+- the attention kernel reads the tile table from the device: no host-side
+  work depends on the data.
+A graph serves every plan of its ``GraphShape``: query tokens, logits rows
+and tiles rounded up to buckets, whether it writes pages, uses the key arena
+or the long-sequence tiles. Padding: token rows gather the token buffer's
+spare row (and write their keys to the arena's spare row); tile rows have no
+queries; logits rows read row 0; page writes go to page 0, vLLM's null
+block, which no request reads.
 
 Graphs are captured lazily, the first time a shape is needed, all in one
-memory pool (they never run concurrently); every tensor a graph reads is
-kept alive with it, and the logits land in a buffer shared by the graphs
-with the same number of rows. Off the GPU (``capture=False``) the same
-static forward runs eagerly: the tests check it there token for token.
+memory pool (they never run concurrently); the logits land in a buffer
+shared by the graphs with the same number of rows. Off the GPU
+(``capture=False``) the same static forward runs uncaptured: the tests check
+it there token for token.
 
 Under tensor parallelism each rank captures the same graphs in the same order
 (every rank runs the same loop), inside vLLM's ``graph_capture`` context: it
@@ -37,22 +39,20 @@ all-reduce reads inside the graph with the peer ranks once the capture ends.
 The warm-up forward before a capture runs outside that context, where the
 custom all-reduce really reduces.
 
-Not graphed: groups over ``MAX_GRAPH_TOKENS`` tokens (the GPU is busy anyway),
-mixed block lengths.
+Not graphed: forwards over ``MAX_GRAPH_TOKENS`` tokens (the GPU is busy
+anyway) or with more requests or pages than the static block table holds.
 """
 
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from vllm.distributed.parallel_state import graph_capture
 
-from vllm_omni.kernels import attention_with_tiles, tile_block_m
-from vllm_omni.kernels.paged_kv import write_pages
-from vllm_omni.kernels.reference import SequenceBatch, tile_rows
-from vllm_omni.models.attention_plan import KeyArena, SequencePlan, page_writes
+from vllm_omni.kernels import tile_block_m
+from vllm_omni.models.attention_plan import AttentionPlan, KeyArena, PlanTensors
 
-SEQ_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MAX_GRAPH_TOKENS = 2048
 
 
@@ -64,141 +64,160 @@ def token_bucket(tokens: int) -> int:
     return -(-tokens // 64) * 64
 
 
-class StaticPlan:
-    """An attention plan in fixed device buffers, for a graph's forward."""
-
-    def __init__(self, num_seqs: int, tokens: int, block_len: int, max_pages: int,
-                 arena: KeyArena, block_m: int, logit_shift: int, device: torch.device):
-        self.arena = arena
-        self.block_m = block_m
-        self.block_len = block_len
-        self.logit_shift = logit_shift
-        self.fresh_rows = torch.full((tokens,), arena.spare_row, dtype=torch.long, device=device)
-        self.positions = torch.zeros(tokens, dtype=torch.long, device=device)
-        self.tiles = torch.zeros((-(-tokens // block_m) + num_seqs, 7), dtype=torch.int32,
-                                 device=device)
-        self.block_table = torch.zeros((num_seqs, max_pages), dtype=torch.int32, device=device)
-        # Packed query rows whose outputs predict the block tokens (padding:
-        # any valid row).
-        self.logit_rows = torch.full((num_seqs * block_len,), logit_shift, dtype=torch.long,
-                                     device=device)
-        self.layout = None
-
-    def fill(self, seqs: list[SequencePlan], block_starts: list[int]) -> None:
-        """Point the buffers at these sequences, unless they already are."""
-        layout = [(s.q_start, s.q_end, s.keys_end, s.arena_start, tuple(s.pages or ()), b)
-                  for s, b in zip(seqs, block_starts)]
-        if layout == self.layout:
-            return
-        queries = SequenceBatch.from_lengths([s.num_queries for s in seqs])
-        local = SequenceBatch(tuple(s.arena_start + s.q_start for s in seqs),
-                              tuple((s.keys_end or s.q_end) - s.q_start for s in seqs))
-        rows = tile_rows(queries, local, tuple(s.q_start for s in seqs), self.block_m)
-        self._fill(self.tiles, torch.tensor(rows, dtype=torch.int32).reshape(-1, 7), 0)
-        self._fill(self.fresh_rows, torch.cat([
-            torch.arange(s.arena_start + s.q_start, s.arena_start + s.q_end) for s in seqs]),
-            self.arena.spare_row)
-        self._fill(self.positions, torch.cat([torch.arange(s.q_start, s.q_end) for s in seqs]), 0)
-        # A block's rows sit block_start - q_start into its sequence's queries.
-        self._fill(self.logit_rows, torch.cat([
-            torch.arange(b, b + self.block_len) - s.q_start + start
-            for s, b, start in zip(seqs, block_starts, queries.starts)]), self.logit_shift)
-        table = torch.zeros(self.block_table.shape, dtype=torch.int32)
-        for i, s in enumerate(seqs):
-            table[i, : len(s.pages or ())] = torch.tensor(s.pages or [], dtype=torch.int32)
-        self.block_table.copy_(table)
-        self.layout = layout
+@dataclass(frozen=True)
+class GraphShape:
+    tokens: int
+    logits: int  # 0: the forward computes no logits
+    tiles: int
+    writes: bool  # writes pages (as many rows as tokens, padding to page 0)
+    arena: bool
+    long: bool
 
     @staticmethod
-    def _fill(buffer: torch.Tensor, values: torch.Tensor, pad: int) -> None:
-        host = torch.full(buffer.shape, pad, dtype=buffer.dtype)
-        host[: len(values)] = values
-        buffer.copy_(host)
+    def of(plan: AttentionPlan, block_m: int) -> "GraphShape":
+        tiles = len(plan.tiles(block_m))
+        return GraphShape(token_bucket(plan.num_tokens),
+                          token_bucket(plan.num_logits) if plan.num_logits else 0,
+                          1 << max(tiles - 1, 0).bit_length(), plan.num_writes > 0,
+                          plan.arena is not None, plan.long)
 
-    def attend(self, layer: int, q, k, v, scale: float, kv_cache: torch.Tensor) -> torch.Tensor:
-        arena_k, arena_v = self.arena.k[layer], self.arena.v[layer]
-        arena_k.index_copy_(0, self.fresh_rows, k)
-        arena_v.index_copy_(0, self.fresh_rows, v)
-        return attention_with_tiles(q, arena_k, arena_v, self.tiles, scale, kv_cache,
-                                    self.block_table)
+    def sections(self) -> list[int]:
+        """As ``AttentionPlan.sections``."""
+        writes = self.tokens if self.writes else 0
+        return [self.tokens, self.tokens, self.logits] + [writes] * 3
+
+
+class StaticInputs:
+    """The fixed buffers every graph reads its plan from (a graph replays
+    the addresses it captured): one int64 buffer for the plan's ``host``
+    arrays, one int32 buffer for the tile table and the block table."""
+
+    def __init__(self, max_tiles: int, table_rows: int, max_pages: int, spare_row: int,
+                 page_size: int, device: torch.device):
+        self.max_tiles, self.spare_row, self.page_size = max_tiles, spare_row, page_size
+        self.i64 = torch.zeros(6 * MAX_GRAPH_TOKENS, dtype=torch.long, device=device)
+        self.i32 = torch.zeros(7 * max_tiles + table_rows * max_pages, dtype=torch.int32,
+                               device=device)
+        self.block_table = self.i32[7 * max_tiles :].view(table_rows, max_pages)
+        self.loaded: tuple[AttentionPlan, GraphShape] | None = None
+        self.loaded_table = None
+
+    def fits(self, plan: AttentionPlan, block_m: int) -> bool:
+        rows, width = plan.table.host.shape
+        return (plan.num_tokens <= MAX_GRAPH_TOKENS and plan.num_logits <= MAX_GRAPH_TOKENS
+                and len(plan.tiles(block_m)) <= self.max_tiles
+                and rows <= self.block_table.shape[0] and width <= self.block_table.shape[1])
+
+    def tensors(self, shape: GraphShape, arena: KeyArena | None) -> PlanTensors:
+        sections = shape.sections()
+        parts = self.i64[: sum(sections)].split(sections)
+        tiles = self.i32[: 7 * shape.tiles].view(shape.tiles, 7)
+        return PlanTensors(*parts, tiles, self.block_table, arena, shape.long)
+
+    def load(self, plan: AttentionPlan, shape: GraphShape, block_m: int) -> None:
+        """Copy the plan in, padded to the shape, unless it is there already."""
+        if self.loaded is not None and self.loaded[0] is plan and self.loaded[1] == shape:
+            return
+        pads = [self.spare_row, 0, 0, 0, 0, None]  # None: spread over page 0's rows
+        host = np.empty(sum(shape.sections()), np.int64)
+        src = dst = 0
+        for n, size, pad in zip(plan.sections(), shape.sections(), pads):
+            host[dst : dst + n] = plan.host[src : src + n]
+            host[dst + n : dst + size] = (np.arange(size - n) % self.page_size
+                                          if pad is None else pad)
+            src, dst = src + n, dst + size
+        self._copy(self.i64, host)
+        tiles = np.zeros((shape.tiles, 7), np.int32)  # no-query rows do nothing
+        plan_tiles = plan.tiles(block_m)
+        tiles[: len(plan_tiles)] = plan_tiles
+        self._copy(self.i32, tiles.reshape(-1))
+        if plan.table is not self.loaded_table:
+            # Rows and columns past the plan's are never read (its tiles and
+            # writes index only its requests' pages).
+            rows, width = plan.table.host.shape
+            self.block_table[:rows, :width].copy_(plan.table.on(self.block_table.device))
+            self.loaded_table = plan.table
+        self.loaded = (plan, shape)
+
+    @staticmethod
+    def _copy(buffer: torch.Tensor, host: np.ndarray) -> None:
+        source = torch.from_numpy(host)
+        if buffer.is_cuda:  # pinned: the host does not wait for the GPU
+            source = source.pin_memory()
+        buffer[: len(host)].copy_(source, non_blocking=True)
 
 
 @dataclass
 class CapturedStep:
-    plan: StaticPlan
+    tensors: PlanTensors
     graph: torch.cuda.CUDAGraph | None = None  # None: run uncaptured (off the GPU)
     logits: torch.Tensor | None = None  # the graph's output, shared by same-sized graphs
 
 
-class StepGraphs:
-    """The graphs of one denoiser, by (sequence bucket, token bucket, block length)."""
+def forward(model, tensors: PlanTensors, tokens: torch.Tensor,
+            out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """A plan's forward: its logits rows (None: it has none). Everything it
+    reads is in ``tensors`` and the token buffer."""
+    ids = tokens.index_select(0, tensors.rows)
+    logits = model.denoise_logits(ids, tensors.positions, tensors, tensors.logit_rows,
+                                  shift=False)
+    if out is not None and logits is not None:
+        out.copy_(logits)
+    return logits
 
-    def __init__(self, model, arena: KeyArena, canvases: torch.Tensor, max_pages: int,
-                 max_seqs: int, device: torch.device, capture: bool = True):
+
+class StepGraphs:
+    """The graphs of one denoiser, by ``GraphShape``."""
+
+    def __init__(self, model, tokens: torch.Tensor, spare_row: int, max_pages: int,
+                 table_rows: int, block_m: int, device: torch.device, capture: bool = True):
         self.model = model
-        self.arena = arena
-        self.canvases = canvases  # the denoiser's canvas rows, one per arena row
-        self.max_pages = max_pages
-        self.seq_buckets = [b for b in SEQ_BUCKETS if b < max_seqs] + [max_seqs]
+        self.tokens = tokens  # the denoiser's token buffer; row spare_row is padding's
         self.device = device
         self.capture = capture
-        kv = model.kv_layout()
-        self.block_m = tile_block_m(kv.head_dim, kv.dtype, device)
-        self.steps: dict[tuple[int, int, int], CapturedStep] = {}
+        max_tiles = 1 << (-(-MAX_GRAPH_TOKENS // block_m) + MAX_GRAPH_TOKENS - 1).bit_length()
+        self.inputs = StaticInputs(max_tiles, table_rows, max_pages, spare_row,
+                                   model.kv_cache_page_size(), device)
+        self.steps: dict[GraphShape, CapturedStep] = {}
         self.outputs: dict[int, torch.Tensor] = {}  # logits buffers by row count
         self.pool = None
         self.capture_s = 0.0
 
-    def fits(self, seqs: list[SequencePlan], tokens: int, block_lens: list[int]) -> bool:
-        return (len(seqs) <= self.seq_buckets[-1] and len(set(block_lens)) == 1
-                and tokens <= MAX_GRAPH_TOKENS
-                and all(len(s.pages or ()) <= self.max_pages for s in seqs))
-
-    def run(self, seqs: list[SequencePlan], tokens: int, block_starts: list[int],
-            block_len: int):
-        """Logits of every sequence's block rows ([len(seqs) * block_len, vocab])
-        for a forward of ``tokens`` query tokens."""
-        key = (next(b for b in self.seq_buckets if b >= len(seqs)), token_bucket(tokens),
-               block_len)
-        step = self.steps.get(key)
+    def run(self, plan: AttentionPlan, block_m: int) -> torch.Tensor | None:
+        """The plan's logits rows, through the graph of its shape."""
+        shape = GraphShape.of(plan, block_m)
+        self.inputs.load(plan, shape, block_m)
+        step = self.steps.get(shape)
         if step is None:
-            step = self.steps[key] = self._build(*key, seqs, block_starts)
-        step.plan.fill(seqs, block_starts)
+            step = self.steps[shape] = self._build(shape, plan.arena)
         if step.graph is None:
-            return self._forward(step.plan)[: len(seqs) * block_len]
-        step.graph.replay()
-        return step.logits[: len(seqs) * block_len]
+            logits = forward(self.model, step.tensors, self.tokens)
+        else:
+            step.graph.replay()
+            logits = step.logits
+        return None if logits is None else logits[: plan.num_logits]
 
-    def _forward(self, plan: StaticPlan, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The graphed forward: everything it reads is in ``plan`` and the canvases."""
-        ids = self.canvases.index_select(0, plan.fresh_rows)
-        logits = self.model.denoise_logits(ids, plan.positions, plan, plan.logit_rows)
-        if out is not None:
-            out.copy_(logits)
-        return logits
-
-    def _build(self, num_seqs, tokens, block_len, seqs, block_starts) -> CapturedStep:
-        start = time.perf_counter()
-        plan = StaticPlan(num_seqs, tokens, block_len, self.max_pages, self.arena, self.block_m,
-                          self.model.logit_shift, self.device)
+    def _build(self, shape: GraphShape, arena: KeyArena | None) -> CapturedStep:
+        tensors = self.inputs.tensors(shape, arena)
         if not self.capture:
-            return CapturedStep(plan)
-        plan.fill(seqs, block_starts)
-        # Warm up off the capture (Triton compiles, lazy state settles), then capture.
+            return CapturedStep(tensors)
+        start = time.perf_counter()
+        # Warm up off the capture (Triton compiles, lazy state settles), then
+        # capture; the plan is loaded, so both run real rows.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            logits = self._forward(plan)
+            logits = forward(self.model, tensors, self.tokens)
         torch.cuda.current_stream().wait_stream(side)
-        out = self._output(logits)
+        out = None if logits is None else self._output(logits)
         graph = torch.cuda.CUDAGraph()
         with graph_capture(self.device) as context, torch.cuda.graph(
                 graph, pool=self.pool, stream=context.stream):
-            self._forward(plan, out)
+            forward(self.model, tensors, self.tokens, out)
         self.pool = graph.pool()
         torch.cuda.synchronize()
         self.capture_s += time.perf_counter() - start
-        return CapturedStep(plan, graph, out)
+        return CapturedStep(tensors, graph, out)
 
     def _output(self, logits: torch.Tensor) -> torch.Tensor:
         out = self.outputs.get(logits.shape[0])
@@ -207,13 +226,53 @@ class StepGraphs:
         return out
 
 
-def copy_prefix_to_pages(model, arena: KeyArena, seqs: list[SequencePlan]) -> None:
-    """After a graphed forward: the keys of each refreshing sequence's prefix
-    (its ``write`` positions), left in the arena, into its KV pages."""
-    writes = page_writes(seqs, [s.arena_start for s in seqs], model.kv_cache_page_size(),
-                         arena.k.device)
-    if writes is None:
-        return
-    rows, page_rows = writes
-    for layer, kv_cache in enumerate(model.kv_caches()):
-        write_pages(kv_cache, page_rows, arena.k[layer, rows], arena.v[layer, rows])
+class Forwards:
+    """Runs a denoiser's plans: through ``StepGraphs`` when graphs are on and
+    the plan fits them, eagerly otherwise. ``tokens``: the denoiser's token
+    buffer (the plans' rows index it; ``spare_row`` is padding's)."""
+
+    def __init__(self, model, device: torch.device, max_model_len: int, max_requests: int,
+                 cuda_graphs: bool):
+        self.model = model
+        self.device = device
+        self.max_model_len = max_model_len
+        self.max_requests = max_requests
+        self.use_graphs = cuda_graphs and device.type == "cuda"
+        self.capture = True
+        self.graphs: StepGraphs | None = None  # built on first need
+        self._block_m: dict[bool, int] = {}  # queries per tile, by ``long``
+
+    def set_graphs(self, enabled: bool, capture: bool = True) -> None:
+        """``capture=False``: the graphs' static forward runs uncaptured (how
+        the tests check it off the GPU)."""
+        self.use_graphs, self.capture, self.graphs = enabled, capture, None
+
+    def release(self) -> None:
+        """Drop the graphs and their memory pool (recaptured on next need)."""
+        self.graphs = None
+
+    def run(self, plan: AttentionPlan, tokens: torch.Tensor, spare_row: int,
+            stats) -> tuple[torch.Tensor | None, bool]:
+        """The plan's logits rows, and whether a graph ran it."""
+        block_m = self.block_m(plan.long)
+        graphs = self._graphs(tokens, spare_row) if self.use_graphs else None
+        if graphs is not None and graphs.inputs.fits(plan, block_m):
+            captured = graphs.capture_s
+            logits = graphs.run(plan, block_m)
+            stats.capture_s += graphs.capture_s - captured
+            return logits, True
+        return forward(self.model, plan.tensors(block_m), tokens), False
+
+    def block_m(self, long: bool) -> int:
+        if long not in self._block_m:
+            kv = self.model.kv_layout()
+            self._block_m[long] = tile_block_m(kv.head_dim, kv.dtype, self.device, long)
+        return self._block_m[long]
+
+    def _graphs(self, tokens: torch.Tensor, spare_row: int) -> StepGraphs:
+        if self.graphs is None or self.graphs.tokens is not tokens:
+            max_pages = -(-self.max_model_len // self.model.kv_cache_page_size()) + 1
+            self.graphs = StepGraphs(self.model, tokens, spare_row, max_pages,
+                                     self.max_requests, self.block_m(False), self.device,
+                                     self.capture)
+        return self.graphs

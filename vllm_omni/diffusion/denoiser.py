@@ -15,7 +15,10 @@ Cache modes (Fast-dLLM, NVlabs/Fast-dLLM ``llada/generate.py``):
 - ``dual``: as ``prefix``, but later steps run only the block; the keys after
   the block (masks: vLLM has no pages for them) stay in the runner's key
   arena (``models/attention_plan.py``) for the block's steps.
-On CUDA the forwards of small groups replay CUDA graphs (``cuda_graphs.py``).
+Each forward is one ``AttentionPlan`` (``models/attention_plan.py``), built when
+the group's layout changes (a new block, a refresh, a request leaving) and
+reused by the steps in between; on CUDA the forwards of small groups replay
+CUDA graphs of it (``cuda_graphs.py``).
 Prefix keys depend on the whole canvas (attention is bidirectional), so they
 are rewritten at every block and mean nothing to another request: the engine
 config turns vLLM's prefix caching off. Nothing outlives the engine step, so
@@ -44,7 +47,7 @@ import torch
 from vllm.distributed import get_tensor_model_parallel_world_size, get_tp_group
 
 from vllm_omni.diffusion.algorithms import ALGORITHMS, draws_random, ends_on_schedule
-from vllm_omni.diffusion.cuda_graphs import StepGraphs, copy_prefix_to_pages
+from vllm_omni.diffusion.cuda_graphs import Forwards
 from vllm_omni.diffusion.params import DiffusionParams
 from vllm_omni.models.attention_plan import AttentionPlan, KeyArena, SequencePlan
 
@@ -77,16 +80,21 @@ class BlockJob:
         block (its output predicts the block's first token)."""
         length = len(self.canvas)
         mode = self.params.cache
+        # The outputs predicting the block's tokens.
+        logits_at = range(self.block_start - logit_shift, self.block_end - logit_shift)
         if mode == "none":
-            return SequencePlan(length, 0, length, arena_start=self.arena_start)
+            return SequencePlan(length, 0, length, arena_start=self.arena_start,
+                                logits_at=logits_at)
         reused = self.block_start - logit_shift  # the prefix later steps read from pages
         dual_keys = length if mode == "dual" else None  # the arena keeps the suffix
         if self.step == 0:  # the block's refresh: the whole canvas
             return SequencePlan(length, 0, length, self.pages, write=(0, reused),
-                                keys_end=dual_keys, arena_start=self.arena_start)
+                                keys_end=dual_keys, arena_start=self.arena_start,
+                                logits_at=logits_at)
         q_end = length if mode == "prefix" else self.block_end
         return SequencePlan(length, reused, q_end, self.pages,  # reads [0, reused) from pages
-                            keys_end=dual_keys, arena_start=self.arena_start)
+                            keys_end=dual_keys, arena_start=self.arena_start,
+                            logits_at=logits_at)
 
 
 @dataclass
@@ -139,16 +147,19 @@ class Denoiser:
         self.arena_rows = max(token_budget, 2 * max_model_len)
         self.arena: KeyArena | None = None
         # A group's canvases, position p of a job at row arena_start + p (as
-        # in the arena); the commits write into it, graphs read from it.
+        # in the arena): the plans' token buffer. The commits write into it,
+        # every forward gathers its input ids from it.
         self.canvases: torch.Tensor | None = None
         self.mask_token_id = model.mask_token_id
         self.tp_size = get_tensor_model_parallel_world_size()
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         # Graphs of small groups' forwards (``cuda_graphs.py``).
-        self.use_graphs = cuda_graphs and device.type == "cuda"
-        self.capture_graphs = True
-        self.graphs = None  # a StepGraphs, built on first need
+        self.forwards = Forwards(model, device, max_model_len, max_num_seqs, cuda_graphs)
+        # The last forward's plan, reused while its sequences stay the same
+        # (a block's later steps).
+        self._plan: AttentionPlan | None = None
+        self._plan_seqs: list[SequencePlan] | None = None
 
     def make_job(
         self,
@@ -185,9 +196,9 @@ class Denoiser:
         return self.arena
 
     def set_step_graphs(self, enabled: bool, capture: bool = True) -> None:
-        """Run small groups through ``StepGraphs`` or not; ``capture=False``
+        """Run small groups through CUDA graphs or not; ``capture=False``
         runs their static forward eagerly (how the tests check it off the GPU)."""
-        self.use_graphs, self.capture_graphs, self.graphs = enabled, capture, None
+        self.forwards.set_graphs(enabled, capture)
 
     def run(self, jobs: list[BlockJob]) -> dict[str, list[int]]:
         """Denoise every job's block to completion; return the blocks."""
@@ -200,6 +211,9 @@ class Denoiser:
             tokens += len(job.canvas)
         if not jobs:
             return {}
+        # Plans are reused within an engine step only: vLLM extends a running
+        # request's pages list in place between steps.
+        self._plan_seqs = None
         # The canvas rows are reused by the next group: keep each group's blocks.
         decided = []
         for group in groups:
@@ -258,38 +272,12 @@ class Denoiser:
         for the rows of each job's current block, and whether a CUDA graph
         ran it."""
         seqs = [job.plan(self.model.logit_shift) for job in jobs]
-        tokens = sum(s.num_queries for s in seqs)
-        self.stats.forward_tokens += tokens
-        graphs = self._graphs_for(jobs, seqs, tokens)
-        if graphs is not None:
-            captured = graphs.capture_s
-            logits = graphs.run(seqs, tokens, [j.block_start for j in jobs],
-                                jobs[0].params.block_length)
-            copy_prefix_to_pages(self.model, self.arena, seqs)
-            self.stats.capture_s += graphs.capture_s - captured
-            return logits, True
-        input_ids = torch.cat([j.canvas[s.q_start : s.q_end] for j, s in zip(jobs, seqs)])
-        positions = torch.cat([torch.arange(s.q_start, s.q_end) for s in seqs]).to(self.device)
-        arena = self.arena if any(s.keys_end for s in seqs) else None
-        plan = AttentionPlan(seqs, self.page_size(), self.device, arena)
-        rows = torch.cat(
-            [
-                torch.arange(job.block_start, job.block_end) - seq.q_start + start
-                for job, seq, start in zip(jobs, seqs, plan.queries.starts)
-            ]
-        ).to(self.device)
-        return self.model.denoise_logits(input_ids, positions, plan, rows), False
-
-    def _graphs_for(self, jobs: list[BlockJob], seqs, tokens: int):
-        """The step graphs, if they can run this forward."""
-        if not self.use_graphs:
-            return None
-        if self.graphs is None:
-            max_pages = -(-self.max_model_len // self.page_size()) + 1
-            self.graphs = StepGraphs(self.model, self.arena, self.canvases, max_pages,
-                                     self.max_num_seqs, self.device, self.capture_graphs)
-        fits = self.graphs.fits(seqs, tokens, [j.params.block_length for j in jobs])
-        return self.graphs if fits else None
+        if seqs != self._plan_seqs:  # a new block, a refresh, a request leaving
+            arena = self.arena if any(s.keys_end is not None for s in seqs) else None
+            self._plan = AttentionPlan(seqs, self.page_size(), self.device, arena)
+            self._plan_seqs = seqs
+        self.stats.forward_tokens += self._plan.num_tokens
+        return self.forwards.run(self._plan, self.canvases, self.arena_rows, self.stats)
 
     @staticmethod
     def _agree(jobs: list[BlockJob]) -> None:
@@ -300,7 +288,7 @@ class Denoiser:
     def release_graphs(self) -> None:
         """Drop the step graphs and their memory pool (recaptured on next
         need), e.g. before the engine sleeps."""
-        self.graphs = None
+        self.forwards.release()
 
     def _step(self, job: BlockJob, logits: torch.Tensor) -> None:
         block = job.block

@@ -16,9 +16,11 @@ from vllm_omni.kernels.reference import (
     SequenceBatch,
     attention_with_tiles_reference,
     bidirectional_attention_reference,
+    long_tiles,
 )
 
-__all__ = ["SequenceBatch", "attention_with_tiles", "bidirectional_attention", "tile_block_m"]
+__all__ = ["SequenceBatch", "attention_with_tiles", "bidirectional_attention", "long_tiles",
+           "tile_block_m"]
 
 
 def bidirectional_attention(q, k, v, batch: SequenceBatch, scale: float,
@@ -31,21 +33,24 @@ def bidirectional_attention(q, k, v, batch: SequenceBatch, scale: float,
     return bidirectional_attention_reference(q, k, v, batch, scale, kv_batch, prefix)
 
 
-def attention_with_tiles(q, k, v, tiles, scale: float, kv_cache, block_table):
-    """The paged variant on a prebuilt 7-column tile table (``tile_rows``;
-    rows with no queries are padding): no host-side work that depends on the
-    data on CUDA, what a CUDA graph captures."""
+def attention_with_tiles(q, k, v, tiles, scale: float, kv_cache, block_table,
+                         long: bool = False):
+    """The paged variant on a prebuilt 7-column tile table (``tile_rows`` with
+    ``tile_block_m(..., long)`` queries per tile; rows with no queries are
+    padding): no host-side work that depends on the data on CUDA, what a CUDA
+    graph captures."""
     if q.is_cuda:
         from vllm_omni.kernels.triton_attention import paged_attention_with_tiles
 
-        return paged_attention_with_tiles(q, k, v, tiles, scale, kv_cache, block_table)
+        return paged_attention_with_tiles(q, k, v, tiles, scale, kv_cache, block_table, long)
     return attention_with_tiles_reference(q, k, v, tiles, scale, kv_cache, block_table)
 
 
-def tile_block_m(head_dim: int, dtype, device) -> int:
-    """Queries per tile of a prebuilt tile table (any size serves the reference)."""
+def tile_block_m(head_dim: int, dtype, device, long: bool = False) -> int:
+    """Queries per tile of a prebuilt tile table (any size serves the
+    reference); ``long``: the long-sequence tiles (``long_tiles``)."""
     if device.type != "cuda":
         return 64
     from vllm_omni.kernels.triton_attention import block_m_of
 
-    return block_m_of(head_dim, dtype)
+    return block_m_of(head_dim, dtype, long)

@@ -7,6 +7,15 @@ import torch.nn.functional as F
 
 from vllm_omni.kernels.paged_kv import PagedPrefix, gather_prefix
 
+# Sequences this long on average (an image's joint attention: thousands of
+# tokens) take the Triton kernel's bigger query tiles (``triton_attention.py``).
+LONG_SEQ = 1024
+
+
+def long_tiles(num_tokens: int, num_seqs: int) -> bool:
+    """Whether sequences without cached keys take the long-sequence tiles."""
+    return num_tokens >= LONG_SEQ * max(num_seqs, 1)
+
 
 @dataclass(frozen=True)
 class SequenceBatch:

@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 
 from vllm_omni.kernels.paged_kv import PagedPrefix, check_kv_cache
-from vllm_omni.kernels.reference import SequenceBatch, check_kv_batch, tile_rows
+from vllm_omni.kernels.reference import SequenceBatch, check_kv_batch, long_tiles, tile_rows
 
 
 @triton.jit
@@ -185,18 +185,18 @@ def _kv_tile_table(
     return torch.tensor(rows, dtype=torch.int32).reshape(-1, width).to(device), kv_end
 
 
-# Sequences this long on average (an image's joint attention: thousands of
-# tokens) take LONG_CONFIGS: bigger query tiles pay off once every sequence
-# fills many of them; the text models' 128-600-token sequences keep _config.
-LONG_SEQ = 1024
+# Sequences of LONG_SEQ tokens on average (``reference.long_tiles``: an
+# image's joint attention) take LONG_CONFIGS: bigger query tiles pay off once
+# every sequence fills many of them; the text models' 128-600-token sequences
+# keep _config.
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per head_dim, 16-bit dtypes;
 # picked by a sweep on an H100 (benchmarks/attention_kernel.py --sweep).
 LONG_CONFIGS = {64: (128, 64, 4, 3), 128: (128, 64, 8, 4)}
 
 
-def block_m_of(head_dim: int, dtype: torch.dtype) -> int:
+def block_m_of(head_dim: int, dtype: torch.dtype, long: bool = False) -> int:
     """Queries per tile, for building tile rows ahead of a launch."""
-    return _config(head_dim, dtype)[0]
+    return _config(head_dim, dtype, long)[0]
 
 
 def _config(head_dim: int, dtype: torch.dtype, long: bool = False) -> tuple[int, int, int, int]:
@@ -235,8 +235,8 @@ def bidirectional_attention_triton(
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     assert out.shape == q.shape and out.stride(-1) == 1
     if config is None:
-        long = (prefix is None and kv_batch is None
-                and sum(batch.lens) >= LONG_SEQ * max(len(batch.lens), 1))
+        long = prefix is None and kv_batch is None and long_tiles(sum(batch.lens),
+                                                                   len(batch.lens))
         config = _config(head_dim, q.dtype, long)
     block_m = config[0]
     if prefix is not None and kv_batch is None:
@@ -255,12 +255,15 @@ def bidirectional_attention_triton(
                    config)
 
 
-def paged_attention_with_tiles(q, k, v, tiles, scale, kv_cache, block_table) -> torch.Tensor:
+def paged_attention_with_tiles(q, k, v, tiles, scale, kv_cache, block_table,
+                               long: bool = False) -> torch.Tensor:
     """The paged variant on a prebuilt tile table (7 columns, from
-    ``tile_rows``; tiles with no queries do nothing), with no host-side work
-    that depends on the data: what a CUDA graph captures."""
+    ``tile_rows`` with ``block_m_of(..., long)`` queries per tile; tiles with
+    no queries do nothing), with no host-side work that depends on the data:
+    what a CUDA graph captures."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    return _launch(q, k, v, out, tiles, scale, True, kv_cache, block_table)
+    return _launch(q, k, v, out, tiles, scale, True, kv_cache, block_table,
+                   _config(q.shape[2], q.dtype, long))
 
 
 def _launch(q, k, v, out, tiles, scale, sep_kv, kv_cache=None, block_table=None, config=None):

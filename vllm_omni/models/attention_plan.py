@@ -1,46 +1,49 @@
-"""What one denoising forward attends to, sequence by sequence.
+"""One denoising forward's inputs, built once on the host: ``AttentionPlan``.
 
-Each sequence (a request's canvas, or one block of it) runs queries for
-positions ``[q_start, q_end)`` and attends to:
-- ``[0, q_start)``: keys read from vLLM's paged KV cache through the request's
-  pages (Fast-dLLM's prefix cache, written by the block's refresh forward; a
-  block-causal family's finished blocks; a forward whose queries start at 0
-  reads none);
-- ``[q_start, q_end)``: the fresh keys of this forward;
-- ``[q_end, keys_end)``: (dual cache) keys of the positions after the block,
-  kept from the refresh forward in the ``KeyArena``.
+Every kind of forward (LLaDA/Dream's exact steps, Fast-dLLM's prefix and dual
+caches, a block-causal family's stores and block steps) is a set of
+sequences, and one plan turns them into the arrays the forward reads: the
+rows its input ids come from, positions, the attention kernel's tile table,
+the block table, where keys go in vLLM's KV cache, which rows get logits.
+The eager forward reads them through ``tensors``; the CUDA graphs copy the
+same arrays into their static buffers (``diffusion/cuda_graphs.py``).
+``docs/architecture/overview.md``, "The attention plan", has the whole story.
 
-A sequence with ``keys_start`` < ``q_start`` (Fast-dLLM v2's block cache,
-``diffusion/block_causal.py``) reads the pages only up to ``keys_start`` and
-the arena's keys of ``[keys_start, keys_end)``: its queries are a sub-block
-inside a block whose other positions keep keys from an earlier forward.
+A sequence (``SequencePlan``) runs queries for positions ``[q_start, q_end)``
+of one request's canvas and attends to:
+- ``[0, local_start)``: keys read from vLLM's paged KV cache through the
+  request's pages (Fast-dLLM's prefix; a block-causal family's finished
+  blocks); ``local_start`` is ``keys_start``, else ``q_start``;
+- ``[local_start, keys_end)``: its local keys. Without the key arena they are
+  this forward's fresh keys. With it (a dual cache's suffix, Fast-dLLM v2's
+  block cache) every sequence's fresh keys go to the ``KeyArena`` and the local
+  keys are read from there, so keys an earlier forward left there join them.
+It writes the fresh keys and values of its ``write`` positions to its pages
+(Fast-dLLM's refresh: the prefix; a block-causal store: the finished block).
+Every layer writes before it reads, so a sequence may read pages that another
+sequence of the same forward writes. ``page_writes`` is where every write to
+vLLM's KV cache is decided.
 
-``write`` names the positions whose fresh keys and values this forward puts
-into the pages: Fast-dLLM's refresh writes its prefix ``[0, block start)``; a
-block-causal store sequence (SDAR, ``diffusion/block_causal.py``) is one
-finished block whose queries attend to the pages before it and to itself,
-and writes the block ``[q_start, q_end)``. Every layer writes before it reads
-(``attend``), so a sequence may read pages that another sequence of the same
-forward writes. ``page_writes`` is where every write to vLLM's KV cache is
-decided (this plan's, and the CUDA graphs' copy from the arena).
+Rows: position p of a sequence is row ``arena_start + p`` of the caller's
+token buffer, where its input id is gathered from (so commits that update the
+buffer in place need no copy), and, with the arena, of the arena.
+``logits_at`` lists the positions whose outputs go through the LM head, in
+order (the caller applies a logit shift).
 
-The arena holds keys by position: position p of a sequence sits at arena row
-``arena_start + p``. A forward that has any dual-cache sequence writes every
-sequence's fresh keys there and reads local keys from it, so a dual refresh
-(queries over the whole canvas) leaves the suffix in place for the block's
-later steps, and a later step's fresh block lands right before that suffix.
-Forwards without dual-cache sequences read the fresh keys as they are.
-
-The plan is built by the denoiser and handed down through the model; each
-attention layer calls ``attend`` with its index and its KV cache tensor.
+A forward may pack hundreds of sequences, so the plan works on them as
+columns (``Columns``, one array entry per sequence): ``Columns.of`` turns
+``SequencePlan``s into them; ``diffusion/block_plan.py`` builds them directly.
 """
 
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields
+from itertools import chain
 
+import numpy as np
 import torch
 
-from vllm_omni.kernels import SequenceBatch, bidirectional_attention
-from vllm_omni.kernels.paged_kv import PagedPrefix, page_rows_of, slots_of, write_pages
+from vllm_omni.kernels import attention_with_tiles, long_tiles, tile_block_m
+from vllm_omni.kernels.paged_kv import write_pages
 
 
 class KeyArena:
@@ -65,10 +68,11 @@ class SequencePlan:
     # (inside [q_start, q_end)) to the pages.
     write: tuple[int, int] | None = None
     keys_end: int | None = None  # local keys run to here (None: q_end); > q_end: dual cache
-    arena_start: int = 0  # the arena row of position 0
+    arena_start: int = 0  # the token-buffer (and arena) row of position 0
     # Local keys start here (None: q_start); the pages hold the keys before
     # it. Below q_start only with the arena (keys_end set).
     keys_start: int | None = None
+    logits_at: Sequence[int] = ()  # positions whose outputs get logits, in order
 
     @property
     def local_start(self) -> int:
@@ -79,65 +83,203 @@ class SequencePlan:
         return self.q_end - self.q_start
 
 
-def page_writes(seqs: list[SequencePlan], bases, page_size: int, device: torch.device):
-    """Where this forward's keys go in vLLM's KV cache: (rows, page_rows) for
-    ``write_pages``, the rows of each sequence's ``write`` positions, position
-    p of sequence i at row ``bases[i] + p``; None when no sequence writes."""
-    rows, slots = [], []
-    for s, base in zip(seqs, bases):
-        if s.write is not None and s.write[1] > s.write[0]:
-            start, end = s.write
-            rows.append(torch.arange(base + start, base + end))
-            slots.append(slots_of(s.pages, page_size, end, start))
-    if not rows:
-        return None
-    return torch.cat(rows).to(device), page_rows_of(torch.cat(slots).to(device), page_size)
+def to_device(host: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on the device without waiting for the GPU to catch up:
+    copied through pinned memory (whose allocator keeps it until the copy
+    ran). Off the GPU the tensor shares the array, which nobody changes."""
+    tensor = torch.from_numpy(host)
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+class PageTable:
+    """The block table of a forward's requests: one row per pages list (the
+    sequences of one request share its row), padded with page 0 (vLLM's null
+    block, which no request owns). A caller may build one for several plans
+    (a block-causal group's forwards), so the graphs copy it in once."""
+
+    def __init__(self, page_lists: Iterable[list[int] | None]):
+        self._rows: dict[int, int] = {}
+        lists = []
+        for pages in page_lists:
+            if pages and id(pages) not in self._rows:
+                self._rows[id(pages)] = len(lists)
+                lists.append(pages)
+        self._lists = lists  # kept alive, so their ids stay theirs
+        width = max(map(len, lists), default=1)
+        self.host = np.zeros((max(len(lists), 1), width), np.int32)
+        for row, pages in enumerate(lists):
+            self.host[row, : len(pages)] = pages
+        self._device: torch.Tensor | None = None
+
+    def row(self, pages: list[int] | None) -> int:
+        return self._rows[id(pages)] if pages else 0
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        if self._device is None:
+            self._device = to_device(self.host, device)
+        return self._device
+
+
+def _ints(values) -> np.ndarray:
+    return np.array(values, np.int64)
+
+
+@dataclass
+class Columns:
+    """A forward's sequences as columns (int64, one entry per sequence): the
+    fields of ``SequencePlan`` with ``local_start`` and ``keys_end``
+    resolved, the row of its pages in the plan's ``PageTable`` and how many
+    pages it has, its write (``write_start == write_end``: none), and its
+    ``logits_at`` (how many per sequence; all of them, flat)."""
+
+    q_start: np.ndarray
+    q_end: np.ndarray
+    local_start: np.ndarray
+    keys_end: np.ndarray
+    arena_start: np.ndarray
+    table_row: np.ndarray
+    num_pages: np.ndarray
+    write_start: np.ndarray
+    write_end: np.ndarray
+    logit_counts: np.ndarray
+    logits_at: np.ndarray
+
+    @staticmethod
+    def of(seqs: list[SequencePlan], table: PageTable) -> "Columns":
+        writes = [s.write or (0, 0) for s in seqs]
+        counts = _ints([len(s.logits_at) for s in seqs])
+        return Columns(
+            _ints([s.q_start for s in seqs]), _ints([s.q_end for s in seqs]),
+            _ints([s.local_start for s in seqs]),
+            _ints([s.q_end if s.keys_end is None else s.keys_end for s in seqs]),
+            _ints([s.arena_start for s in seqs]), _ints([table.row(s.pages) for s in seqs]),
+            _ints([len(s.pages or ()) for s in seqs]), _ints([w[0] for w in writes]),
+            _ints([w[1] for w in writes]), counts,
+            np.fromiter(chain.from_iterable(s.logits_at for s in seqs), np.int64,
+                        int(counts.sum())))
+
+    @staticmethod
+    def concat(parts: list["Columns"]) -> "Columns":
+        return Columns(*(np.concatenate([getattr(p, f.name) for p in parts])
+                         for f in fields(Columns)))
+
+
+def page_writes(cols: Columns, to_packed: np.ndarray, table: PageTable, page_size: int):
+    """Where this forward writes vLLM's KV cache: for each ``write`` position p
+    of sequence i, the packed query row holding its key and value
+    (p + ``to_packed[i]``), its page and its row in the page (host arrays)."""
+    counts = np.maximum(cols.write_end - cols.write_start, 0)
+    writing = counts > 0
+    if not writing.any():
+        empty = np.zeros(0, np.int64)
+        return empty, empty, empty
+    if ((cols.write_start < cols.q_start) | (cols.write_end > cols.q_end)
+            | (cols.write_end > cols.num_pages * page_size))[writing].any():
+        raise ValueError("a sequence writes outside its queries or its pages")
+    first = np.cumsum(counts) - counts
+    pos = np.arange(int(counts.sum())) - np.repeat(first - cols.write_start, counts)
+    pages = table.host[np.repeat(cols.table_row, counts), pos // page_size]
+    return pos + np.repeat(to_packed, counts), pages.astype(np.int64), pos % page_size
+
+
+@dataclass
+class PlanTensors:
+    """A plan on the device: what the forward and each attention layer read
+    (a graph's are slices of its static buffers, padded)."""
+
+    rows: torch.Tensor  # [tokens] token-buffer (and arena) rows of the queries
+    positions: torch.Tensor  # [tokens]
+    logit_rows: torch.Tensor  # [logits] packed query rows that get logits
+    write_rows: torch.Tensor  # [writes] packed query rows whose keys go to the pages
+    write_pages: torch.Tensor  # [writes]
+    write_offsets: torch.Tensor  # [writes] rows in the page
+    tiles: torch.Tensor  # [tiles, 7] int32: the kernel's tile table (``tile_rows``)
+    block_table: torch.Tensor  # [requests, pages] int32
+    arena: KeyArena | None
+    long: bool  # the tiles are the long-sequence ones
+
+    def attend(self, layer: int, q, k, v, scale: float, kv_cache: torch.Tensor) -> torch.Tensor:
+        if len(self.write_rows):
+            write_pages(kv_cache, (self.write_pages, self.write_offsets),
+                        k[self.write_rows], v[self.write_rows])
+        if self.arena is not None:
+            arena_k, arena_v = self.arena.k[layer], self.arena.v[layer]
+            arena_k.index_copy_(0, self.rows, k)
+            arena_v.index_copy_(0, self.rows, v)
+            k, v = arena_k, arena_v
+        return attention_with_tiles(q, k, v, self.tiles, scale, kv_cache, self.block_table,
+                                    self.long)
 
 
 class AttentionPlan:
-    def __init__(self, seqs: list[SequencePlan], page_size: int, device: torch.device,
-                 arena: KeyArena | None = None):
-        self.seqs = seqs
-        self.queries = SequenceBatch.from_lengths([s.num_queries for s in seqs])
-        # Packed query rows this forward writes to the paged cache (position
-        # p of a sequence is packed row p - q_start from its first).
-        self.writes = page_writes(
-            seqs, [start - s.q_start for s, start in zip(seqs, self.queries.starts)],
-            page_size, device)
+    def __init__(self, seqs: list[SequencePlan] | Columns, page_size: int,
+                 device: torch.device, arena: KeyArena | None = None,
+                 table: PageTable | None = None):
+        """``seqs`` as ``SequencePlan``s, or as ``Columns`` whose table rows
+        index ``table``."""
+        if not isinstance(seqs, Columns):
+            table = table if table is not None else PageTable(s.pages for s in seqs)
+            seqs = Columns.of(seqs, table)
+        cols, self.table, self.device, self.arena = seqs, table, device, arena
+        if (cols.local_start > cols.num_pages * page_size).any():
+            raise ValueError("a sequence reads keys past its pages")
+        lens = cols.q_end - cols.q_start
+        starts = np.cumsum(lens) - lens  # packed row of each sequence's first query
+        to_packed = starts - cols.q_start  # position p of sequence i: row p + to_packed[i]
+        self.num_tokens = int(lens.sum())
+        positions = np.arange(self.num_tokens) - np.repeat(to_packed, lens)
+        rows = positions + np.repeat(cols.arena_start, lens)
+        if arena is not None:
+            kv_start = cols.arena_start + cols.local_start
+        elif (cols.local_start != cols.q_start).any() or (cols.keys_end != cols.q_end).any():
+            raise ValueError("local keys other than the fresh ones need the key arena")
+        else:
+            kv_start = starts  # the fresh keys, packed as the queries
+        # The tile table's columns but the tile offset, per sequence.
+        self._seq_cols = (starts, lens, kv_start, cols.keys_end - cols.local_start,
+                          cols.local_start, cols.table_row)
+        writes = page_writes(cols, to_packed, self.table, page_size)
+        logit_rows = cols.logits_at + np.repeat(to_packed, cols.logit_counts)
+        self.num_logits, self.num_writes = len(logit_rows), len(writes[0])
+        # As the eager kernel did for long canvases without cached keys.
+        self.long = (arena is None and not cols.local_start.any()
+                     and long_tiles(self.num_tokens, len(lens)))
+        # Every int64 input, in one array: one copy to the device.
+        self.host = np.concatenate([rows, positions, logit_rows, *writes])
+        self._tiles: dict[int, np.ndarray] = {}
+        self._tensors: tuple[int, PlanTensors] | None = None
 
-        # Paged prefixes to read.
-        self.prefix_lens = tuple(s.local_start for s in seqs)
-        self.block_table = None
-        if any(self.prefix_lens):
-            width = max(len(s.pages or ()) for s in seqs)
-            table = [list(s.pages or ()) + [0] * (width - len(s.pages or ())) for s in seqs]
-            self.block_table = torch.tensor(table, dtype=torch.int32).to(device)
+    def sections(self) -> list[int]:
+        """Lengths of ``host``'s parts: rows, positions, logit rows, then the
+        writes' packed rows, pages and rows in the page."""
+        return [self.num_tokens, self.num_tokens, self.num_logits] + [self.num_writes] * 3
 
-        # Local keys: in the arena when any sequence uses the dual cache.
-        self.arena = None
-        if any(s.keys_end is not None for s in seqs):
-            self.arena = arena
-            self.fresh_rows = torch.cat(
-                [torch.arange(s.arena_start + s.q_start, s.arena_start + s.q_end) for s in seqs]
-            ).to(device)
-            self.local_keys = SequenceBatch(
-                tuple(s.arena_start + s.local_start for s in seqs),
-                tuple((s.keys_end or s.q_end) - s.local_start for s in seqs),
-            )
+    def tiles(self, block_m: int) -> np.ndarray:
+        """The attention kernel's tile table ([tiles, 7] int32, ``tile_rows``'
+        columns; the last one is the sequence's block-table row)."""
+        tiles = self._tiles.get(block_m)
+        if tiles is None:
+            starts, lens, kv_start, kv_len, prefix, table_rows = self._seq_cols
+            counts = -(-lens // block_m)
+            seq = np.repeat(np.arange(len(lens)), counts)
+            offsets = (np.arange(len(seq)) - np.repeat(np.cumsum(counts) - counts, counts)) * block_m
+            tiles = self._tiles[block_m] = np.stack(
+                [starts[seq], lens[seq], offsets, kv_start[seq], kv_len[seq], prefix[seq],
+                 table_rows[seq]], axis=1).astype(np.int32)
+        return tiles
+
+    def tensors(self, block_m: int) -> PlanTensors:
+        """The plan on its device, for ``block_m`` queries per tile."""
+        if self._tensors is None or self._tensors[0] != block_m:
+            parts = to_device(self.host, self.device).split(self.sections())
+            tensors = PlanTensors(*parts, to_device(self.tiles(block_m), self.device),
+                                  self.table.on(self.device), self.arena, self.long)
+            self._tensors = (block_m, tensors)
+        return self._tensors[1]
 
     def attend(self, layer: int, q, k, v, scale: float, kv_cache: torch.Tensor) -> torch.Tensor:
-        if self.writes is not None:
-            rows, page_rows = self.writes
-            write_pages(kv_cache, page_rows, k[rows], v[rows])
-        prefix = None
-        if self.block_table is not None:
-            prefix = PagedPrefix(kv_cache, self.block_table, self.prefix_lens)
-        if self.arena is None:
-            if prefix is None:
-                return bidirectional_attention(q, k, v, self.queries, scale)
-            return bidirectional_attention(q, k, v, self.queries, scale, self.queries, prefix)
-        arena_k, arena_v = self.arena.k[layer], self.arena.v[layer]
-        arena_k.index_copy_(0, self.fresh_rows, k)
-        arena_v.index_copy_(0, self.fresh_rows, v)
-        return bidirectional_attention(q, arena_k, arena_v, self.queries, scale,
-                                       self.local_keys, prefix)
+        """The plan handed to the model as is (the tests' forwards)."""
+        block_m = tile_block_m(q.shape[-1], q.dtype, q.device, self.long)
+        return self.tensors(block_m).attend(layer, q, k, v, scale, kv_cache)

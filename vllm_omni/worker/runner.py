@@ -57,7 +57,10 @@ class DiffusionRunnerMixin:
             self.denoiser = BlockCausalDenoiser(
                 model, self.device, self.scheduler_config.max_num_batched_tokens,
                 max_block_length=self.cache_config.block_size,
-                block_cache="block" in _cache_modes(family))
+                block_cache="block" in _cache_modes(family),
+                max_model_len=self.model_config.max_model_len,
+                max_num_seqs=self.scheduler_config.max_num_seqs,
+                cuda_graphs=additional.get(CUDA_GRAPHS_KEY, False))
             self.kv_frontier: dict[str, int] = {}  # per request (module docstring)
             self.cpu_generators: dict[str, torch.Generator] = {}
         else:
