@@ -59,7 +59,7 @@ from vllm.distributed import get_tensor_model_parallel_world_size, get_tp_group
 
 from vllm_omni.diffusion.algorithms import ALGORITHMS, apply_commit, draws_random
 from vllm_omni.diffusion.block_plan import BlockPlans
-from vllm_omni.diffusion.cuda_graphs import Forwards
+from vllm_omni.diffusion.cuda_graphs import Forwards, geometric_bucket
 from vllm_omni.diffusion.denoiser import StepStats
 from vllm_omni.diffusion.params import DiffusionParams
 from vllm_omni.models.attention_plan import KeyArena
@@ -135,7 +135,8 @@ class BlockCausalDenoiser:
         rows = token_budget + 2 * max_block_length
         self.arena_rows = rows if block_cache else 0
         self.plans = BlockPlans(device, rows, self.mask_token_id, model.logit_shift)
-        self.forwards = Forwards(model, device, max_model_len, max_num_seqs, cuda_graphs)
+        self.forwards = Forwards(model, device, max_model_len, max_num_seqs, cuda_graphs,
+                                 geometric_bucket)
         self._graphed = False  # whether the last forward replayed a graph
         self.arena: KeyArena | None = None
         self._store_row = 0  # a group's first arena row for store sequences

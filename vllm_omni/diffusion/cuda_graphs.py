@@ -58,10 +58,22 @@ MAX_GRAPH_TOKENS = 2048
 
 def token_bucket(tokens: int) -> int:
     """Query tokens a graph is captured for: powers of two up to 64, then
-    multiples of 64 (a 384-token canvas pads nothing)."""
+    multiples of 64 (a 384-token canvas pads nothing). LLaDA/Dream's: a
+    group keeps its canvases for many steps, so few sizes come up."""
     if tokens <= 64:
         return max(1, 1 << (tokens - 1).bit_length())
     return -(-tokens // 64) * 64
+
+
+def geometric_bucket(tokens: int) -> int:
+    """Powers of two and 1.5 times them (8, 12, 16, 24, ...): at most a third
+    is padding. Block-causal forwards' sizes follow the number of requests
+    decoding, which changes often (prompts arriving in chunks, requests
+    finishing), so each size class should stay few graphs."""
+    if tokens <= 8:
+        return max(1, 1 << (tokens - 1).bit_length())
+    power = 1 << (tokens - 1).bit_length()
+    return power * 3 // 4 if tokens <= power * 3 // 4 else power
 
 
 @dataclass(frozen=True)
@@ -74,10 +86,10 @@ class GraphShape:
     long: bool
 
     @staticmethod
-    def of(plan: AttentionPlan, block_m: int) -> "GraphShape":
+    def of(plan: AttentionPlan, block_m: int, bucket=token_bucket) -> "GraphShape":
         tiles = len(plan.tiles(block_m))
-        return GraphShape(token_bucket(plan.num_tokens),
-                          token_bucket(plan.num_logits) if plan.num_logits else 0,
+        return GraphShape(bucket(plan.num_tokens),
+                          bucket(plan.num_logits) if plan.num_logits else 0,
                           1 << max(tiles - 1, 0).bit_length(), plan.num_writes > 0,
                           plan.arena is not None, plan.long)
 
@@ -170,8 +182,10 @@ class StepGraphs:
     """The graphs of one denoiser, by ``GraphShape``."""
 
     def __init__(self, model, tokens: torch.Tensor, spare_row: int, max_pages: int,
-                 table_rows: int, block_m: int, device: torch.device, capture: bool = True):
+                 table_rows: int, block_m: int, device: torch.device, capture: bool = True,
+                 bucket=token_bucket):
         self.model = model
+        self.bucket = bucket  # of query tokens and logits rows
         self.tokens = tokens  # the denoiser's token buffer; row spare_row is padding's
         self.device = device
         self.capture = capture
@@ -185,7 +199,7 @@ class StepGraphs:
 
     def run(self, plan: AttentionPlan, block_m: int) -> torch.Tensor | None:
         """The plan's logits rows, through the graph of its shape."""
-        shape = GraphShape.of(plan, block_m)
+        shape = GraphShape.of(plan, block_m, self.bucket)
         self.inputs.load(plan, shape, block_m)
         step = self.steps.get(shape)
         if step is None:
@@ -232,8 +246,9 @@ class Forwards:
     buffer (the plans' rows index it; ``spare_row`` is padding's)."""
 
     def __init__(self, model, device: torch.device, max_model_len: int, max_requests: int,
-                 cuda_graphs: bool):
+                 cuda_graphs: bool, bucket=token_bucket):
         self.model = model
+        self.bucket = bucket
         self.device = device
         self.max_model_len = max_model_len
         self.max_requests = max_requests
@@ -274,5 +289,5 @@ class Forwards:
             max_pages = -(-self.max_model_len // self.model.kv_cache_page_size()) + 1
             self.graphs = StepGraphs(self.model, tokens, spare_row, max_pages,
                                      self.max_requests, self.block_m(False), self.device,
-                                     self.capture)
+                                     self.capture, self.bucket)
         return self.graphs

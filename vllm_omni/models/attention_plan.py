@@ -162,6 +162,8 @@ class Columns:
 
     @staticmethod
     def concat(parts: list["Columns"]) -> "Columns":
+        if len(parts) == 1:
+            return parts[0]
         return Columns(*(np.concatenate([getattr(p, f.name) for p in parts])
                          for f in fields(Columns)))
 
