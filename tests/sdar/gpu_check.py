@@ -6,6 +6,7 @@ takes. Not a test: it writes the outputs of the golden cases' settings (in one
 batch, singly, and a prefix hit on a prompt arriving in chunks) as JSON.
 
     python tests/sdar/gpu_check.py DIR OUT.json     # builds DIR once, then runs
+    python tests/sdar/gpu_check.py DIR OUT.json --graphs   # the denoiser's CUDA graphs
     python tests/sdar/gpu_check.py --compare cpu.json gpu.json
 
 On a GPU machine: vLLM 0.26 from the bundle (scripts/gpu_bundle_split.sh gives
@@ -68,7 +69,7 @@ def make_checkpoint(dst: Path) -> None:
     save_file({k: v.contiguous() for k, v in w.items()}, str(dst / "model.safetensors"))
 
 
-def run(model: str, out: str) -> None:
+def run(model: str, out: str, graphs: bool = False) -> None:
     from vllm import LLM, SamplingParams
 
     cases = json.loads((HERE / "golden" / "sdar_cases.json").read_text())["cases"]
@@ -86,7 +87,7 @@ def run(model: str, out: str) -> None:
     t0 = time.time()
     llm = LLM(model=model, worker_cls="vllm_omni.worker.DiffusionGPUWorker", dtype="float32",
               max_model_len=512, seed=0, gpu_memory_utilization=0.3, max_num_batched_tokens=64,
-              long_prefill_token_threshold=32, enforce_eager=True)
+              long_prefill_token_threshold=32, enforce_eager=not graphs)
     res = {"start_s": time.time() - t0, "cuda": __import__("torch").cuda.is_available(),
            "block_size": llm.llm_engine.vllm_config.cache_config.block_size,
            "prefix_caching": llm.llm_engine.vllm_config.cache_config.enable_prefix_caching}
@@ -97,8 +98,8 @@ def run(model: str, out: str) -> None:
     res["batch"] = {c["name"]: list(o.outputs[0].token_ids) for c, o in zip(cases, outs)}
     res["single"] = {}
     for c, p in zip(cases, prompts):
-        out = llm.generate([p], sp(c), use_tqdm=False)[0]
-        res["single"][c["name"]] = list(out.outputs[0].token_ids)
+        single = llm.generate([p], sp(c), use_tqdm=False)[0]
+        res["single"][c["name"]] = list(single.outputs[0].token_ids)
     long = sum((c["prompt_ids"] for c in cases), [])[:100]
     g = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     llm.reset_prefix_cache()
@@ -126,4 +127,4 @@ if __name__ == "__main__":
     else:
         if not (Path(sys.argv[1]) / "model.safetensors").exists():
             make_checkpoint(Path(sys.argv[1]))
-        run(sys.argv[1], sys.argv[2])
+        run(sys.argv[1], sys.argv[2], "--graphs" in sys.argv[3:])
