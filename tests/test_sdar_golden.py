@@ -68,9 +68,20 @@ def generate(llm, batch, ignore_eos=True, max_tokens=None):
 def sdar_llm():
     # Prompts arrive in chunks of at most 32 tokens (their whole blocks are
     # stored as they come), and a step's work is split into groups within
-    # the budget of 64 tokens.
+    # the budget of 64 tokens. Prefix caching on: every request uses the
+    # engine's block length (4).
     llm = start_engine(str(SDAR / "tiny"), max_num_batched_tokens=64,
                        long_prefill_token_threshold=32)
+    yield llm
+    del llm
+
+
+@pytest.fixture(scope="module")
+def any_block_sdar():
+    # The same, with prefix caching off: the golden cases' block lengths
+    # (4, 8, 16) may then mix per request.
+    llm = start_engine(str(SDAR / "tiny"), max_num_batched_tokens=64,
+                       long_prefill_token_threshold=32, enable_prefix_caching=False)
     yield llm
     del llm
 
@@ -110,80 +121,81 @@ def test_forward_matches_official_logits(sdar_llm):
 
 
 @pytest.mark.parametrize("ignore_eos", [True, False])
-def test_all_cases_in_one_batch(sdar_llm, ignore_eos):
+def test_all_cases_in_one_batch(any_block_sdar, ignore_eos):
     batch = cases()
     assert len(batch) == 13
     assert {c["remasking_strategy"] for c in batch} == {
         "sequential", "low_confidence_static", "low_confidence_dynamic"}
-    for case, tokens in zip(batch, generate(sdar_llm, batch, ignore_eos)):
+    for case, tokens in zip(batch, generate(any_block_sdar, batch, ignore_eos)):
         check(case, tokens, ignore_eos)
 
 
-def test_cases_one_at_a_time(sdar_llm):
+def test_cases_one_at_a_time(any_block_sdar):
     for case in cases():
-        check(case, generate(sdar_llm, [case])[0])
+        check(case, generate(any_block_sdar, [case])[0])
 
 
-def test_max_tokens_cuts_the_last_block(sdar_llm):
+def test_max_tokens_cuts_the_last_block(any_block_sdar):
     # gen_length: the reference rounds the output up to whole blocks from
     # position 0; vLLM returns max_tokens of them.
     batch = [c for c in cases() if c["gen_length"] < len(c["generated_ids"])]
     assert batch
-    got = generate(sdar_llm, batch, max_tokens=lambda c: c["gen_length"])
+    got = generate(any_block_sdar, batch, max_tokens=lambda c: c["gen_length"])
     for case, tokens in zip(batch, got):
         check(case, tokens, max_tokens=case["gen_length"])
 
 
-def test_stores_share_forwards_with_denoising_steps(sdar_llm):
+def test_stores_share_forwards_with_denoising_steps(any_block_sdar):
     """A block's keys are stored in the forward of the next block's first
     denoising step: one request alone runs exactly its denoising forwards
     (the reference runs a prefill and a store per block besides)."""
     case = next(c for c in cases() if c["name"] == "seq_b4_s4_greedy_p8")
-    sdar_llm.collective_rpc("diffusion_step_stats", kwargs={"reset": True})
-    check(case, generate(sdar_llm, [case])[0])
-    stats = sdar_llm.collective_rpc("diffusion_step_stats")[0]
+    any_block_sdar.collective_rpc("diffusion_step_stats", kwargs={"reset": True})
+    check(case, generate(any_block_sdar, [case])[0])
+    stats = any_block_sdar.collective_rpc("diffusion_step_stats")[0]
     assert stats["steps"] == case["nfe_breakdown"]["denoise"], stats
 
 
-def test_forwards_replay_cuda_graphs_on_cuda(sdar_llm):
+def test_forwards_replay_cuda_graphs_on_cuda(any_block_sdar):
     """On CUDA every forward here (at most 64 tokens: the engine's budget)
     replays a graph, stores and denoising steps alike; elsewhere none is
     captured."""
-    sdar_llm.collective_rpc("diffusion_step_stats", kwargs={"reset": True})
+    any_block_sdar.collective_rpc("diffusion_step_stats", kwargs={"reset": True})
     batch = cases()[:4]
-    for case, tokens in zip(batch, generate(sdar_llm, batch)):
+    for case, tokens in zip(batch, generate(any_block_sdar, batch)):
         check(case, tokens)
-    stats = sdar_llm.collective_rpc("diffusion_step_stats")[0]
+    stats = any_block_sdar.collective_rpc("diffusion_step_stats")[0]
     want = stats["steps"] if torch.cuda.is_available() else 0
     assert stats["steps"] > 0 and stats["graph_steps"] == want, stats
 
 
-def test_graph_shaped_forwards_are_exact(sdar_llm):
+def test_graph_shaped_forwards_are_exact(any_block_sdar):
     """The forward the CUDA graphs capture (each plan copied into fixed
     buffers, padded to its bucket: token rows gather the spare row, page
     writes land in page 0, tile rows are empty, logits rows read row 0), run
     without capture: all cases in one batch, stores and denoising steps of
     every request sharing forwards, token for token; singly (other buckets);
     and the last block cut by max_tokens. Every forward fits a graph."""
-    with graph_shaped_steps(sdar_llm):
-        sdar_llm.collective_rpc("diffusion_step_stats", kwargs={"reset": True})
+    with graph_shaped_steps(any_block_sdar):
+        any_block_sdar.collective_rpc("diffusion_step_stats", kwargs={"reset": True})
         batch = cases()
-        for case, tokens in zip(batch, generate(sdar_llm, batch, ignore_eos=False)):
+        for case, tokens in zip(batch, generate(any_block_sdar, batch, ignore_eos=False)):
             check(case, tokens, ignore_eos=False)
         for case in batch[::4]:
-            check(case, generate(sdar_llm, [case])[0])
+            check(case, generate(any_block_sdar, [case])[0])
         cut = [c for c in batch if c["gen_length"] < len(c["generated_ids"])]
-        for case, tokens in zip(cut, generate(sdar_llm, cut, max_tokens=lambda c: c["gen_length"])):
+        for case, tokens in zip(cut, generate(any_block_sdar, cut,
+                                              max_tokens=lambda c: c["gen_length"])):
             check(case, tokens, max_tokens=case["gen_length"])
-        stats = sdar_llm.collective_rpc("diffusion_step_stats")[0]
+        stats = any_block_sdar.collective_rpc("diffusion_step_stats")[0]
         assert stats["steps"] > 0 and stats["graph_steps"] == stats["steps"], stats
 
 
-def test_streaming_returns_one_block_per_chunk(sdar_llm):
+def test_streaming_returns_one_block_per_chunk(any_block_sdar):
     case = next(c for c in cases() if c["name"] == "seq_b4_s4_greedy_p8")
     params = params_for(case)
     params.output_kind = RequestOutputKind.DELTA
-    engine = sdar_llm.llm_engine
+    engine = any_block_sdar.llm_engine
     engine.add_request("stream-0", {"prompt_token_ids": case["prompt_ids"]}, params)
     chunks = []
     while engine.has_unfinished_requests():
@@ -218,6 +230,9 @@ def test_prefix_hit_on_a_prompt_still_arriving_in_chunks(sdar_llm):
 BAD = [
     ({"block_length": 3}, "block_length must divide the KV page size 32"),
     ({"block_length": 64}, r"one of \[1, 2, 4, 8, 16, 32\]"),
+    # Another block length would read cached pages written under 4.
+    ({"block_length": 8}, "block_length must be 4, the engine's block length, while prefix "
+     "caching is on"),
     ({"algorithm": "low_confidence"}, "algorithm must be one of "
      r"\['low_confidence_dynamic', 'low_confidence_static', 'sequential'\] for sdar"),
     ({"denoising_steps_per_block": 0}, "denoising_steps_per_block must be >= 1"),
@@ -266,12 +281,26 @@ def test_engine_refuses_a_page_size_its_default_block_length_does_not_divide():
 MAX_LEN = 64
 
 
-@pytest.fixture(scope="module")
-def small_kv_sdar():
+def _small_kv_engine(prefix_caching: bool):
     # 8 pages of 16 tokens: room for about three requests at a time; pages
     # of 16 let the golden prompts (up to 19 tokens) hit the prefix cache.
-    llm = start_engine(str(SDAR / "tiny"), max_model_len=MAX_LEN, num_gpu_blocks_override=8,
-                       block_size=16, max_num_batched_tokens=MAX_LEN, disable_log_stats=False)
+    return start_engine(str(SDAR / "tiny"), max_model_len=MAX_LEN, num_gpu_blocks_override=8,
+                        block_size=16, max_num_batched_tokens=MAX_LEN, disable_log_stats=False,
+                        enable_prefix_caching=prefix_caching)
+
+
+@pytest.fixture(scope="module")
+def small_kv_sdar():
+    # Prefix caching off: every case's block length (4, 8, 16) is allowed.
+    llm = _small_kv_engine(False)
+    yield llm
+    del llm
+
+
+@pytest.fixture(scope="module")
+def small_kv_prefix_sdar():
+    # Prefix caching on (the default): block length 4 only.
+    llm = _small_kv_engine(True)
     yield llm
     del llm
 
@@ -297,7 +326,7 @@ def test_preempted_requests_resume_exactly(small_kv_sdar, graph_shaped):
         check(case, tokens)
 
 
-def test_prefix_cache_hits_stay_exact(small_kv_sdar):
+def test_prefix_cache_hits_stay_exact(small_kv_prefix_sdar):
     """The second request of a pair sharing a prompt reads the first one's
     pages: from a later step, and from the same step (pages vLLM hashes while
     scheduling the first, written by its store in the same forward). A prompt
@@ -305,29 +334,29 @@ def test_prefix_cache_hits_stay_exact(small_kv_sdar):
     generated tokens and must continue as the reference did."""
     case = next(c for c in cases() if c["name"] == "dyn_b4_s4_greedy_chat_stop")
     assert case["prompt_length"] > 16
-    small_kv_sdar.reset_prefix_cache()
+    small_kv_prefix_sdar.reset_prefix_cache()
     prompt = {"prompt_token_ids": case["prompt_ids"]}
-    first = small_kv_sdar.generate([prompt], params_for(case), use_tqdm=False)[0]
-    again = small_kv_sdar.generate([prompt] * 2, params_for(case), use_tqdm=False)
+    first = small_kv_prefix_sdar.generate([prompt], params_for(case), use_tqdm=False)[0]
+    again = small_kv_prefix_sdar.generate([prompt] * 2, params_for(case), use_tqdm=False)
     assert first.num_cached_tokens == 0
     assert [o.num_cached_tokens for o in again] == [16, 16]
     for out in [first, *again]:
         check(case, list(out.outputs[0].token_ids))
 
-    small_kv_sdar.reset_prefix_cache()
-    same_step = small_kv_sdar.generate([prompt] * 2, params_for(case), use_tqdm=False)
+    small_kv_prefix_sdar.reset_prefix_cache()
+    same_step = small_kv_prefix_sdar.generate([prompt] * 2, params_for(case), use_tqdm=False)
     assert same_step[1].num_cached_tokens == 16
     for out in same_step:
         check(case, list(out.outputs[0].token_ids))
 
     base = next(c for c in cases() if c["name"] == "seq_b4_s4_greedy_p8")
-    small_kv_sdar.reset_prefix_cache()
-    check(base, generate(small_kv_sdar, [base])[0])
+    small_kv_prefix_sdar.reset_prefix_cache()
+    check(base, generate(small_kv_prefix_sdar, [base])[0])
     cut = 16  # prompt 8 + 16 generated tokens: whole blocks
     longer = {"prompt_token_ids": base["prompt_ids"] + base["generated_ids"][:cut]}
     rest = base["generated_ids"][cut:]
     sp = SamplingParams(temperature=0, max_tokens=len(rest), ignore_eos=True,
                         extra_args=params_for(base).extra_args)
-    out = small_kv_sdar.generate([longer], sp, use_tqdm=False)[0]
+    out = small_kv_prefix_sdar.generate([longer], sp, use_tqdm=False)[0]
     assert out.num_cached_tokens == 16 * math.floor((8 + cut - 1) / 16)
     assert list(out.outputs[0].token_ids) == rest

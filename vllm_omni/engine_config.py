@@ -34,7 +34,8 @@ from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
 from vllm_omni.diffusion.knobs import KNOBS_BY_NAME
-from vllm_omni.diffusion.params import block_causal_page_size, check_knobs, fixed_block_length
+from vllm_omni.diffusion.params import (block_causal_page_size, check_knobs, fixed_block_length,
+                                        pinned_block_length)
 from vllm_omni.diffusion.validation import UNSUPPORTED, validator_qualname
 from vllm_omni.models import family_of
 from vllm_omni.worker import CPU_WORKER_CLS, WORKER_CLS
@@ -88,7 +89,8 @@ class DiffusionEngineConfig(VerifyAndUpdateConfig):
             logger.info("vllm_omni: a diffusion prefix's KV depends on the whole canvas; "
                         "prefix caching off.")
             cache.enable_prefix_caching = False
-        validator = validator_qualname(family.name, defaults, page_size, block_length)
+        validator = validator_qualname(family.name, defaults, page_size, block_length,
+                                       pinned_block_length(family, cache, defaults))
         model_config.logits_processors = [*(model_config.logits_processors or []), validator]
         _drop_unused_sampling_defaults(model_config, family)
 

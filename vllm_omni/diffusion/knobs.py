@@ -121,7 +121,8 @@ KNOBS: tuple[Knob, ...] = (
     Knob("block_length", int, "block size. LLaDA, Dream: semi-autoregressive blocks after "
          "the prompt, at most `max_tokens` (a default larger than `max_tokens` shrinks to "
          "it); SDAR: blocks counted from position 0, must divide the KV page size "
-         "(`block_size`, 32 unless set). Fast-dLLM v2 takes none: its blocks are the "
+         "(`block_size`, 32 unless set), and be the engine's while prefix caching is on. "
+         "Fast-dLLM v2 takes none: its blocks are the "
          "checkpoint's `bd_size` (32)",
          default={"llada": 32, "sdar": 4}, families=("llada", "dream", "sdar"), low=1,
          none_doc="the whole canvas", loop=True),

@@ -69,13 +69,17 @@ def check_knobs(knobs: Any, family: Family, where: str = "extra_args") -> dict:
 def resolve_params(
     family: Family, sampling_params, engine_defaults: dict | None = None,
     page_size: int | None = None, block_length: int | None = None,
+    pinned_block_length: int | None = None,
 ) -> DiffusionParams:
     """The request's decoding parameters, from its ``SamplingParams``.
     ``top_k``/``top_p`` there are the request's own (vLLM resets them for
     greedy requests, hence the knobs of the same names, which win).
     ``page_size``: the KV page size a block-causal family's block length
     must divide (``block_causal_page_size``). ``block_length``: the block
-    length of a family whose checkpoint fixes it (``fixed_block_length``)."""
+    length of a family whose checkpoint fixes it (``fixed_block_length``).
+    ``pinned_block_length``: the only block length a block-causal family's
+    requests may use (the engine's, while prefix caching is on:
+    ``pinned_block_length``)."""
     knobs = {k.name: k.default_for(family.name) for k in knobs_of(family.name)}
     for knob in KNOBS:
         if knob.sampling_field_set is None:
@@ -97,7 +101,14 @@ def resolve_params(
                 raise ValueError(f"{family.name}: the checkpoint's block length "
                                  f"({family.block_length_key}) is needed")
             knobs["block_length"] = block_length
-        return _block_causal_params(knobs, max_tokens, sampling_params.temperature, page_size)
+        params = _block_causal_params(knobs, max_tokens, sampling_params.temperature, page_size)
+        if pinned_block_length is not None and params.block_length != pinned_block_length:
+            fail("block_length", f"must be {pinned_block_length}, the engine's block length, "
+                 "while prefix caching is on (a block's keys depend on the block length, and "
+                 "vLLM shares cached pages by token ids alone): start the engine with "
+                 "enable_prefix_caching=False to vary it per request, or set "
+                 f"additional_config['diffusion']['block_length']; got {params.block_length}")
+        return params
     if requested.get("block_length", 0) > max_tokens:
         fail("block_length", f"must be <= max_tokens ({max_tokens}), "
              f"got {requested['block_length']}")
@@ -124,6 +135,20 @@ def fixed_block_length(family: Family, hf_config) -> int | None:
     if family.block_length_key is None:
         return None
     return getattr(hf_config, family.block_length_key)
+
+
+def pinned_block_length(family: Family, cache_config, engine_defaults: dict) -> int | None:
+    """With prefix caching on, a block-causal family whose checkpoint does not
+    fix the block length serves the engine's only (its default, or
+    additional_config's): keys written under one block length are wrong for
+    another, and a prefix-cache hit cannot tell them apart
+    (``docs/architecture/overview.md``, "Block-causal families")."""
+    if not family.block_causal or family.block_length_key is not None:
+        return None
+    if not cache_config.enable_prefix_caching:
+        return None
+    return (engine_defaults or {}).get("block_length") or KNOBS_BY_NAME[
+        "block_length"].default_for(family.name)
 
 
 def block_causal_page_size(cache_config) -> int:

@@ -10,7 +10,8 @@ The class must know the model family, the engine-wide defaults and (for a
 block-causal family) the KV page size its block lengths must divide and the
 block length its checkpoint fixes, and vLLM names it by a ``module:qualname``
 string that every process re-imports; so the name itself carries them
-(``llada__<hex of {"defaults", "page_size", "block_length"} as JSON>``) and
+(``llada__<hex of {"defaults", "page_size", "block_length",
+"pinned_block_length"} as JSON>``) and
 this module's ``__getattr__`` rebuilds the class from its name.
 """
 
@@ -54,6 +55,7 @@ class DiffusionRequestValidator(LogitsProcessor):
     engine_defaults: dict = {}
     page_size: int | None = None
     block_length: int | None = None
+    pinned_block_length: int | None = None
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams):
@@ -65,7 +67,7 @@ class DiffusionRequestValidator(LogitsProcessor):
                     parameter=field,
                 )
         resolve_params(FAMILIES_BY_NAME[cls.family_name], sampling_params, cls.engine_defaults,
-                       cls.page_size, cls.block_length)
+                       cls.page_size, cls.block_length, cls.pinned_block_length)
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         pass
@@ -81,8 +83,10 @@ class DiffusionRequestValidator(LogitsProcessor):
 
 
 def validator_qualname(family_name: str, engine_defaults: dict,
-                       page_size: int | None = None, block_length: int | None = None) -> str:
-    spec = {"defaults": engine_defaults, "page_size": page_size, "block_length": block_length}
+                       page_size: int | None = None, block_length: int | None = None,
+                       pinned_block_length: int | None = None) -> str:
+    spec = {"defaults": engine_defaults, "page_size": page_size, "block_length": block_length,
+            "pinned_block_length": pinned_block_length}
     blob = json.dumps(spec, sort_keys=True).encode().hex()
     return f"{__name__}:{family_name}__{blob}"
 
@@ -101,6 +105,7 @@ def _validator_class(name: str) -> type[DiffusionRequestValidator]:
             "engine_defaults": spec["defaults"],
             "page_size": spec["page_size"],
             "block_length": spec.get("block_length"),
+            "pinned_block_length": spec.get("pinned_block_length"),
             "__module__": __name__,
             "__qualname__": name,
         },
