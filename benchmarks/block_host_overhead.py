@@ -24,6 +24,7 @@ import socket
 import time
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 
 from vllm import SamplingParams
@@ -79,7 +80,7 @@ def works(batch: int, context: int, block: int, steps: int) -> list[BlockWork]:
     pages_each = -(-(context + block) // PAGE)
     out = []
     for i in range(batch):
-        tokens = [(i + j) % (VOCAB - 1) for j in range(context)]
+        tokens = np.arange(i, i + context, dtype=np.int32) % (VOCAB - 1)
         pages = list(range(1 + i * pages_each, 1 + (i + 1) * pages_each))
         out.append(BlockWork(f"r{i}", tokens, context - block, context, True, params, None,
                              pages))

@@ -54,6 +54,7 @@ import zlib
 from array import array
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from vllm.distributed import get_tensor_model_parallel_world_size, get_tp_group
 
@@ -70,7 +71,7 @@ class BlockWork:
     """One request's part of an engine step."""
 
     req_id: str
-    tokens: list[int]  # the tokens vLLM holds for it (prompt, then outputs)
+    tokens: np.ndarray  # the tokens vLLM holds for it (prompt, then outputs)
     store_start: int  # the KV frontier: the pages hold final K/V before it
     store_end: int  # store the blocks of [store_start, store_end)
     decode: bool  # decode the block at store_end (all its tokens are in)
@@ -211,7 +212,7 @@ class BlockCausalDenoiser:
             work.arena_row = row  # the block's rows in the arena (block cache)
             row += work.block_length
             known = work.tokens[work.store_end :]
-            if not known and work.store_end and self.model.block_starts_with_ar_token:
+            if not len(known) and work.store_end and self.model.block_starts_with_ar_token:
                 # vLLM schedules every token it holds at least once, so this
                 # step's store ends with the block before this one.
                 if work.store_start == work.store_end:

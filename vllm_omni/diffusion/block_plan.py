@@ -28,7 +28,6 @@ steps, while the windows stay put) reuses its plan: neither the plan nor the
 graphs' inputs are built again.
 """
 
-from itertools import chain
 
 import numpy as np
 import torch
@@ -124,8 +123,8 @@ class BlockPlans:
         if rows[-1] + length[-1] > self.rows:
             raise RuntimeError(f"{rows[-1] + length[-1]} token rows needed, {self.rows} "
                                "allocated")
-        ids = torch.tensor(list(chain.from_iterable(
-            w.tokens[w.store_start : w.store_end] for w in stores)))
+        ids = torch.from_numpy(np.concatenate(
+            [w.tokens[w.store_start : w.store_end] for w in stores]).astype(np.int64))
         if self.device.type == "cuda":  # pinned: the host need not wait for the GPU
             ids = ids.pin_memory()
         self.tokens[row : row + len(ids)].copy_(ids, non_blocking=True)

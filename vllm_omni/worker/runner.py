@@ -210,7 +210,11 @@ class DiffusionRunnerMixin:
         for req_id, scheduled in scheduler_output.num_scheduled_tokens.items():
             state = self.requests[req_id]
             params = self._params_of(req_id, state.sampling_params)
-            tokens = list(state.prompt_token_ids) + list(state.output_token_ids)
+            # The persistent batch's row (prompt, then outputs; kept in step
+            # by commit_block): a view, not a per-step copy of every token.
+            index = self.input_batch.req_id_to_index[req_id]
+            tokens = self.input_batch.token_ids_cpu[
+                index, : self.input_batch.num_tokens_no_spec[index]]
             # What vLLM holds computed at scheduling: a prefix-cache hit for a
             # new or resumed request (whole pages, hence whole blocks), all
             # its tokens for a running one.
