@@ -59,7 +59,7 @@ class StandIn:
 
     def kv_layout(self):
         return SimpleNamespace(num_layers=self.layers, num_kv_heads=1, head_dim=8,
-                               dtype=torch.float32)
+                               dtype=torch.float32, group=1)
 
     def denoise_logits(self, input_ids, positions, plan, rows, shift=True):
         q = torch.zeros(len(input_ids), 1, 8)
@@ -115,7 +115,7 @@ PARTS = {
     "plan": {"plan"},  # BlockPlans.plan: sequences, AttentionPlan, the stores' ids
     "to_device": {"tensors", "load"},  # eager: plan.tensors; graphs: StaticInputs.load
     "layers": {"denoise_logits"},  # per-layer host work with the plan
-    "commit": {"_step"},
+    "commit": {"_commit"},
     "look": {"_first_masks"},
 }
 

@@ -58,7 +58,7 @@ import numpy as np
 import torch
 from vllm.distributed import get_tensor_model_parallel_world_size, get_tp_group
 
-from vllm_omni.diffusion.algorithms import ALGORITHMS, apply_commit, draws_random
+from vllm_omni.diffusion.algorithms import ALGORITHMS, draws_random
 from vllm_omni.diffusion.block_plan import BlockPlans
 from vllm_omni.diffusion.cuda_graphs import Forwards, geometric_bucket
 from vllm_omni.diffusion.denoiser import StepStats
@@ -83,6 +83,9 @@ class BlockWork:
     step: int = 0  # denoising steps taken on the block
     first_mask: int = 0  # the block's first masked position (block_length: none)
     arena_row: int = 0  # block cache: the arena row of the block's first position
+    # Set when the block starts (``BlockCausalDenoiser._start_block``):
+    min_steps: int = 1  # steps before which the block cannot be finished
+    commit_key: tuple = ()  # what its algorithm's commit reads (batches share it)
 
     @property
     def block_length(self) -> int:
@@ -110,6 +113,12 @@ class BlockWork:
         size = self.params.small_block_size or self.block_length
         start = self.first_mask // size * size
         return start, start + size
+
+    def batch_key(self) -> tuple:
+        """Works that share this commit in one batch: the same algorithm and
+        knobs, step and window width (its last item)."""
+        lo, hi = self.window()
+        return (*self.commit_key, self.step, hi - lo)
 
     def sub_block_step(self) -> bool:
         """Block cache: this step runs only its sub-block (the reference runs
@@ -227,18 +236,17 @@ class BlockCausalDenoiser:
             start = time.perf_counter()
             logits, ar_logits = self._forward(stores, active, awaiting)
             stores = []
-            offset = 0
-            for work in active:
-                lo, hi = work.window()
-                self._step(work, logits[offset : offset + hi - lo], lo, hi)
-                offset += hi - lo
+            self._commit(active, logits)
             if self.tp_size > 1 and any(w.generator is None and draws_random(w.params)
                                         for w in active):
                 self._agree(active)
             issued = time.perf_counter()
-            if active:  # one look at the device for the whole batch
-                firsts = self._first_masks(active)
-                for work, first in zip(active, firsts):
+            # One look at the device for the blocks that may be finished (none
+            # while every block is short of its schedule: the host queues the
+            # next forward while the GPU runs this one).
+            looks = [w for w in active if w.step >= w.min_steps]
+            if looks:
+                for work, first in zip(looks, self._first_masks(looks)):
                     work.first_mask = first
                 active = [w for w in active if w.first_mask < w.block_length]
             for work, ar_row in zip(awaiting, ar_logits):
@@ -257,6 +265,14 @@ class BlockCausalDenoiser:
         if n:
             work.block[:n] = first.to(self.device)
         work.first_mask, work.step = n, 0
+        algorithm = ALGORITHMS[work.params.algorithm]
+        # A step's window follows the first mask (sub-blocks, block cache):
+        # then the denoiser looks after every step.
+        work.min_steps = 1 if work.params.small_block_size or work.block_cache else \
+            algorithm.min_steps(work.params, work.block_length - n)
+        work.commit_key = (algorithm.name, work.params.temperature, work.block_length,
+                           *(getattr(work.params, k) for k in algorithm.knobs),
+                           work.generator and id(work.generator))
 
     def _first_masks(self, works: list[BlockWork]) -> list[int]:
         # One gather of the blocks' token rows (``block_plan.py``).
@@ -280,19 +296,39 @@ class BlockCausalDenoiser:
         n = len(awaiting)  # their AR rows come first: they are on store sequences
         return logits[n:], logits[:n]
 
-    def _step(self, work: BlockWork, logits: torch.Tensor, lo: int, hi: int) -> None:
-        window = work.block[lo:hi]  # a view: the commit writes into the block
-        masked = window == self.mask_token_id
+    def _commit(self, active: list[BlockWork], logits: torch.Tensor) -> None:
+        """Every active block's step: one batched commit per run of
+        consecutive works that share the step, the window's width and what
+        their algorithm reads (``registry.py``); a seeded request runs alone,
+        drawing from its own generator. The logits hold the windows in
+        ``active``'s order."""
+        start = offset = 0
+        while start < len(active):
+            key = active[start].batch_key()
+            end = start + 1
+            while end < len(active) and active[end].batch_key() == key:
+                end += 1
+            run = active[start:end]
+            width = key[-1]
+            rows = logits[offset : offset + len(run) * width]
+            self._commit_run(run, rows.view(len(run), width, -1))
+            start, offset = end, offset + len(run) * width
+
+    def _commit_run(self, run: list[BlockWork], logits: torch.Tensor) -> None:
+        work = run[0]
+        windows, index = self.plans.windows(run)
+        masked = windows == self.mask_token_id
         if work.step >= work.params.max_block_steps:
             # Only when the model drew the mask token itself, past the
             # reference's schedule (where SDAR's raises, and Fast-dLLM v2's
             # greedy loops forever): no longer drawn, so a step commits again.
             logits = logits.clone()
-            logits[:, self.mask_token_id] = float("-inf")
+            logits[..., self.mask_token_id] = float("-inf")
         commit = ALGORITHMS[work.params.algorithm].commit
         positions, tokens = commit(logits, masked, work.step, work.params, work.generator)
-        apply_commit(window, positions, tokens)
-        work.step += 1
+        self.plans.write_windows(windows, index, torch.where(positions, tokens, windows))
+        for w in run:
+            w.step += 1
 
     @staticmethod
     def _agree(works: list[BlockWork]) -> None:

@@ -73,6 +73,26 @@ class BlockPlans:
         """The rows of the work's block."""
         return self.tokens[work.arena_row : work.arena_row + work.block_length]
 
+    def windows(self, works) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The token rows of the works' windows (``BlockWork.window``, all of
+        one width) as [n, width]: a view of the token buffer when they lie
+        back to back (a batch of whole blocks), else a gathered copy with its
+        row index, which ``write_windows`` writes back through."""
+        lows = _ints([w.arena_row + w.window()[0] for w in works])
+        width = works[0].window()[1] - works[0].window()[0]
+        start = int(lows[0])
+        if np.array_equal(lows, start + width * np.arange(len(works))):
+            return self.tokens[start : start + width * len(works)].view(len(works), width), None
+        index = to_device(lows[:, None] + np.arange(width), self.device)
+        return self.tokens[index], index
+
+    def write_windows(self, windows: torch.Tensor, index: torch.Tensor | None,
+                      values: torch.Tensor) -> None:
+        if index is None:
+            windows.copy_(values)
+        else:
+            self.tokens[index] = values
+
     def first_masks(self, works) -> list[int]:
         """Each work's first masked block position (its block length: none),
         for all of them in one look at the device: a gather of their blocks'

@@ -17,4 +17,5 @@ def low_confidence_dynamic(logits, masked, step, params, generator):
     k = quota(step, params)
     high = masked & (confidence > params.confidence_threshold)
     # Chosen on the device: no wait for the count of confident positions.
-    return torch.where(high.sum() >= k, high, top_confidence(confidence, masked, k)), tokens
+    enough = high.sum(dim=-1, keepdim=True) >= k
+    return torch.where(enough, high, top_confidence(confidence, masked, k)), tokens

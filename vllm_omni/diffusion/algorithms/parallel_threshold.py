@@ -40,7 +40,10 @@ def _top_p_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torc
 
 
 def draw(logits: torch.Tensor, params, generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens, confidences) of every row."""
+    """(tokens, confidences) of every row of ``logits`` [..., vocab] (a batch
+    of sub-blocks draws as one [rows, vocab] multinomial)."""
+    shape = logits.shape[:-1]
+    logits = logits.reshape(-1, logits.shape[-1])
     if params.temperature == 0:
         probs = torch.softmax(logits, dim=-1)
         tokens = probs.argmax(dim=-1)
@@ -52,7 +55,7 @@ def draw(logits: torch.Tensor, params, generator) -> tuple[torch.Tensor, torch.T
         else:
             tokens = torch.multinomial(probs, 1, generator=generator)
         tokens = tokens.squeeze(-1)
-    return tokens, probs.gather(-1, tokens[:, None]).squeeze(-1)
+    return tokens.view(shape), probs.gather(-1, tokens[:, None]).view(shape)
 
 
 @register_algorithm("parallel_threshold", families=("fast_dllm_v2",),
@@ -61,5 +64,7 @@ def parallel_threshold(logits, masked, step, params, generator):
     tokens, confidence = draw(logits, params, generator)
     confidence = torch.where(masked, confidence, float("-inf"))
     commit = confidence > params.unmask_threshold
-    commit[confidence.argmax()] = True  # on the device: no wait for the count
+    # The most confident masked one of each sub-block, on the device (no wait
+    # for the count).
+    commit.scatter_(-1, confidence.argmax(dim=-1, keepdim=True), True)
     return commit & masked, tokens

@@ -11,6 +11,11 @@ still masks, ``step`` counts the steps taken on this block, ``params`` is the
 request's ``DiffusionParams``. ``positions`` are indices into those rows with
 one token each, or a bool selection over them with ``tokens`` one per row
 (``apply_commit``).
+
+A block-causal family's commit (SDAR, Fast-dLLM v2) is batched: ``logits``
+[n, W, vocab] and ``masked`` [n, W] hold n blocks' windows that share the
+step and every knob the algorithm reads, and it returns a bool selection
+[n, W] with the tokens [n, W] (``diffusion/block_causal.py``, ``_commit``).
 """
 
 from collections.abc import Callable
@@ -29,6 +34,10 @@ def always(params) -> bool:
     return True
 
 
+def one_step(params, num_masked: int) -> int:
+    return 1
+
+
 @dataclass(frozen=True)
 class Algorithm:
     name: str  # the value of the ``algorithm`` knob (public API)
@@ -41,13 +50,18 @@ class Algorithm:
     # Whether a block takes exactly ``steps_per_block`` steps whatever the
     # logits: the denoiser then needs no look at the device to know it is done.
     ends_on_schedule: Callable
+    # Block-causal: ``min_steps(params, num_masked)``, the steps before which
+    # a block with that many masks cannot be finished, so the denoiser skips
+    # its look at the device until then (default: look after every step).
+    min_steps: Callable
 
 
 ALGORITHMS: dict[str, Algorithm] = {}
 
 
 def register_algorithm(name: str, *, families: tuple[str, ...], knobs: tuple[str, ...] = (),
-                       draws_random: Callable = never, ends_on_schedule: Callable = never):
+                       draws_random: Callable = never, ends_on_schedule: Callable = never,
+                       min_steps: Callable = one_step):
     """Decorator of a commit function: makes it the algorithm ``name`` of
     ``families``. Each knob it reads must be in the knob table
     (``diffusion/knobs.py``) and taken by each of those families."""
@@ -64,7 +78,7 @@ def register_algorithm(name: str, *, families: tuple[str, ...], knobs: tuple[str
                 raise ValueError(f"algorithm {name!r} reads {knob!r}, which families "
                                  f"{missing} do not take (its Knob.families)")
         ALGORITHMS[name] = Algorithm(name, commit, tuple(families), tuple(knobs),
-                                     draws_random, ends_on_schedule)
+                                     draws_random, ends_on_schedule, min_steps)
         return commit
 
     return decorator

@@ -18,6 +18,11 @@ request's seed, as ``torch.manual_seed`` seeds the reference), the
 probabilities going to the CPU for it on a GPU; an unseeded one draws on the
 device from the global generator.
 
+The commit functions are batched: ``logits`` [n, B, vocab] and ``masked``
+[n, B] hold n blocks that share the step and every knob the algorithm reads
+(the denoiser batches them so, ``diffusion/block_causal.py``); a seeded
+request's block is always alone (n = 1), drawing from its own generator.
+
 Step i commits ``k = schedule[i]`` positions (``block_length // steps``, one
 more for the first ``block_length % steps`` steps). The commits are returned
 as a selection over the block and the block's drawn tokens (``apply_commit``)
@@ -61,10 +66,13 @@ def _top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def draw(logits: torch.Tensor, params, generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens, confidences) of every block position."""
-    logits = logits.float()
-    if params.temperature == 0:
-        return logits.argmax(dim=-1), torch.ones(logits.shape[0], device=logits.device)
+    """(tokens, confidences) of every position of ``logits`` [..., vocab]:
+    the rows of a batch of blocks are drawn as one [positions, vocab]
+    multinomial, so one block alone draws exactly as the reference does."""
+    shape = logits.shape[:-1]
+    if params.temperature == 0:  # the argmax is the same in bf16 and float32
+        return logits.argmax(dim=-1), torch.ones(shape, device=logits.device)
+    logits = logits.reshape(-1, logits.shape[-1]).float()
     if params.temperature != 1.0:
         logits = logits / params.temperature
     if params.top_k:
@@ -76,13 +84,26 @@ def draw(logits: torch.Tensor, params, generator) -> tuple[torch.Tensor, torch.T
         tokens = torch.multinomial(probs.cpu(), 1, generator=generator).to(probs.device)
     else:
         tokens = torch.multinomial(probs, 1, generator=generator)
-    return tokens.squeeze(-1), probs.gather(-1, tokens).squeeze(-1)
+    return tokens.view(shape), probs.gather(-1, tokens).view(shape)
 
 
 def top_confidence(confidence: torch.Tensor, masked: torch.Tensor, k: int) -> torch.Tensor:
-    """The k most confident masked positions, as a selection over the block
-    (fewer when fewer are masked: quirk 6 left out)."""
+    """The k most confident masked positions of each block [n, B], as a
+    selection (fewer when fewer are masked: quirk 6 left out)."""
     confidence = torch.where(masked, confidence, float("-inf"))
-    picked = torch.zeros_like(masked)
-    picked[torch.topk(confidence, min(k, confidence.numel())).indices] = True
-    return picked & masked
+    picked = torch.topk(confidence, min(k, confidence.shape[-1]), dim=-1).indices
+    return torch.zeros_like(masked).scatter_(-1, picked, True) & masked
+
+
+def steps_to_finish(params, num_masked: int) -> int:
+    """The steps a block with ``num_masked`` masks takes under a fixed
+    schedule (``sequential``, ``low_confidence_static``) when the model never
+    draws the mask token itself (then it takes more): the first step at which
+    the schedule's commits cover the masks. Before it the denoiser knows the
+    block is unfinished without looking."""
+    done = 0
+    for step, count in enumerate(schedule(params.block_length, params.denoising_steps_per_block)):
+        done += count
+        if done >= num_masked:
+            return step + 1
+    return params.denoising_steps_per_block
