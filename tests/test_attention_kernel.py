@@ -438,7 +438,8 @@ def _prebuilt_tiles(device):
     batch, kv_batch = _batches(case)
     prefix = _prefix(case, device)
     want = bidirectional_attention_triton(q, k, v, batch, 0.125, kv_batch, prefix=prefix)
-    rows = tile_rows(batch, kv_batch, prefix.lens, block_m_of(q.shape[2], q.dtype))
+    group = q.shape[1] // k.shape[1]
+    rows = tile_rows(batch, kv_batch, prefix.lens, block_m_of(q.shape[2], q.dtype, group=group))
     tiles = torch.tensor(rows + [(0,) * 7] * 3, dtype=torch.int32, device=device)
     got = paged_attention_with_tiles(q, k, v, tiles, 0.125, prefix.kv_cache, prefix.block_table)
     return (got - want).abs().max().item()

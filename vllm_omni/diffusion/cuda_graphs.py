@@ -281,7 +281,8 @@ class Forwards:
     def block_m(self, long: bool) -> int:
         if long not in self._block_m:
             kv = self.model.kv_layout()
-            self._block_m[long] = tile_block_m(kv.head_dim, kv.dtype, self.device, long)
+            self._block_m[long] = tile_block_m(kv.head_dim, kv.dtype, self.device, long,
+                                               kv.group)
         return self._block_m[long]
 
     def _graphs(self, tokens: torch.Tensor, spare_row: int) -> StepGraphs:

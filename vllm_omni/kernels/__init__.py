@@ -46,11 +46,12 @@ def attention_with_tiles(q, k, v, tiles, scale: float, kv_cache, block_table,
     return attention_with_tiles_reference(q, k, v, tiles, scale, kv_cache, block_table)
 
 
-def tile_block_m(head_dim: int, dtype, device, long: bool = False) -> int:
-    """Queries per tile of a prebuilt tile table (any size serves the
-    reference); ``long``: the long-sequence tiles (``long_tiles``)."""
+def tile_block_m(head_dim: int, dtype, device, long: bool = False, group: int = 1) -> int:
+    """Query tokens per tile of a prebuilt tile table (any size serves the
+    reference); ``long``: the long-sequence tiles (``long_tiles``); ``group``:
+    query heads per KV head (GQA packing, ``triton_attention.packs``)."""
     if device.type != "cuda":
         return 64
     from vllm_omni.kernels.triton_attention import block_m_of
 
-    return block_m_of(head_dim, dtype, long)
+    return block_m_of(head_dim, dtype, long, group)

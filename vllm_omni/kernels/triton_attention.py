@@ -15,8 +15,13 @@ Tiling. Each sequence is cut into query tiles of BLOCK_M rows; the tiles of
 all sequences are listed in one int32 table (query start, query length, tile
 offset inside the sequence, and with a kv_batch also key start and key
 length), built once per (batch, kv_batch, BLOCK_M, device) and cached. The
-kernel is launched once, on a grid of (tiles, query heads): a program loads
-its [BLOCK_M, head_dim] query tile, walks the keys and values of its own
+kernel is launched once, on a grid of (query heads, tiles), the head varying
+fastest so that the programs reading one KV head's keys run together and
+share them in L2. With GQA packing (``packs``: a power-of-two group, not the
+long-sequence tiles) a program takes a KV head instead: its BLOCK_M rows are
+BLOCK_M / group tokens times the group's query heads, so a 4-token block of
+a KV-cached step fills a 16-row tile and its keys are read once, not once
+per query head. A program loads its [BLOCK_M, head_dim] query tile, walks the keys and values of its own
 sequence in blocks of BLOCK_N rows and keeps a flash-attention online
 softmax (running max m, running sum l, fp32 accumulator), rescaling the
 accumulator whenever the max grows; it divides by l once at the end. Rows past
@@ -91,10 +96,19 @@ def _bidir_attn_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
     SEP_KV: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    PACK: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    head = tl.program_id(1)
-    kv_head = head // GROUP
+    # Programs of one tile are adjacent (the head varies fastest): the query
+    # heads of a KV head read its keys while they are in L2.
+    tile = tl.program_id(1)
+    if PACK:  # a program per KV head: row r is token r // GROUP of query head r % GROUP
+        kv_head = tl.program_id(0)
+        row_tok = tl.arange(0, BLOCK_M) // GROUP
+        row_head = kv_head * GROUP + tl.arange(0, BLOCK_M) % GROUP
+    else:  # a program per query head
+        kv_head = tl.program_id(0) // GROUP
+        row_tok = tl.arange(0, BLOCK_M)
+        row_head = tl.program_id(0) + tl.zeros([BLOCK_M], dtype=tl.int32)
     if PAGED:  # rows (q start, q len, tile offset, kv start, kv len, prefix len, seq)
         row = Tiles + 7 * tile
     elif SEP_KV:  # rows (q start, q len, tile offset, kv start, kv len)
@@ -111,12 +125,13 @@ def _bidir_attn_kernel(
         kv_start = seq_start
         kv_len = seq_len
 
-    offs_m = m_off + tl.arange(0, BLOCK_M)
+    offs_m = m_off + row_tok  # each row's token in the sequence
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     m_mask = offs_m < seq_len
 
-    q_ptrs = Q + (seq_start + offs_m)[:, None] * s_qt + head * s_qh + offs_d[None, :]
+    q_ptrs = (Q + (seq_start + offs_m)[:, None] * s_qt + row_head[:, None] * s_qh
+              + offs_d[None, :])
     q = tl.load(q_ptrs, mask=m_mask[:, None], other=0.0)
     qk_scale = scale * 1.4426950408889634  # log2(e): softmax in base 2
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -158,7 +173,8 @@ def _bidir_attn_kernel(
         m_i, l_i, acc = _online_softmax_step(q, k, v, n_mask, m_i, l_i, acc, qk_scale, IEEE)
 
     out = acc / l_i[:, None]
-    o_ptrs = O + (seq_start + offs_m)[:, None] * s_ot + head * s_oh + offs_d[None, :]
+    o_ptrs = (O + (seq_start + offs_m)[:, None] * s_ot + row_head[:, None] * s_oh
+              + offs_d[None, :])
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_mask[:, None])
 
 
@@ -194,13 +210,27 @@ def _kv_tile_table(
 LONG_CONFIGS = {64: (128, 64, 4, 3), 128: (128, 64, 8, 4)}
 
 
-def block_m_of(head_dim: int, dtype: torch.dtype, long: bool = False) -> int:
-    """Queries per tile, for building tile rows ahead of a launch."""
-    return _config(head_dim, dtype, long)[0]
+def packs(group: int, long: bool = False) -> bool:
+    """Whether a program takes all query heads of one KV head (GQA packing):
+    a tile is then ``BLOCK_M // group`` tokens by ``group`` heads, so the
+    short query blocks of the KV-cached modes (4-32 tokens) fill its rows and
+    each KV head's keys are read once per tile, not once per query head.
+    Needs a power-of-two group; long sequences (images, no GQA) keep theirs."""
+    return group > 1 and group & (group - 1) == 0 and not long
 
 
-def _config(head_dim: int, dtype: torch.dtype, long: bool = False) -> tuple[int, int, int, int]:
+def block_m_of(head_dim: int, dtype: torch.dtype, long: bool = False, group: int = 1) -> int:
+    """Query tokens per tile, for building tile rows ahead of a launch."""
+    block_m = _config(head_dim, dtype, long, group)[0]
+    return block_m // group if packs(group, long) else block_m
+
+
+def _config(head_dim: int, dtype: torch.dtype, long: bool = False,
+            group: int = 1) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages), picked by a sweep on an H100."""
+    if packs(group, long):  # 4 tokens of every query head of a KV head (>= 16 rows)
+        rows = min(max(16, 4 * group), 128)
+        return (rows, 32, 4, 2) if dtype == torch.float32 else (rows, 64, 4, 3)
     if dtype == torch.float32:  # IEEE fp32 dots run on CUDA cores: small tiles
         return (32, 32, 4, 2) if head_dim > 64 else (64, 64, 4, 2)
     if long and head_dim in LONG_CONFIGS:
@@ -234,11 +264,12 @@ def bidirectional_attention_triton(
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     assert out.shape == q.shape and out.stride(-1) == 1
+    group = num_heads // num_kv_heads
+    long = prefix is None and kv_batch is None and long_tiles(sum(batch.lens), len(batch.lens))
     if config is None:
-        long = prefix is None and kv_batch is None and long_tiles(sum(batch.lens),
-                                                                   len(batch.lens))
-        config = _config(head_dim, q.dtype, long)
-    block_m = config[0]
+        config = _config(head_dim, q.dtype, long, group)
+    # Query tokens per tile (GQA packing: ``packs``).
+    block_m = config[0] // group if packs(group, long) else config[0]
     if prefix is not None and kv_batch is None:
         kv_batch = batch
     if kv_batch is None:
@@ -250,26 +281,30 @@ def bidirectional_attention_triton(
     if tiles.shape[0] == 0:
         return out
     if prefix is None:
-        return _launch(q, k, v, out, tiles, scale, kv_batch is not None, config=config)
+        return _launch(q, k, v, out, tiles, scale, kv_batch is not None, config=config,
+                       long=long)
     return _launch(q, k, v, out, tiles, scale, True, prefix.kv_cache, prefix.block_table,
-                   config)
+                   config, long)
 
 
 def paged_attention_with_tiles(q, k, v, tiles, scale, kv_cache, block_table,
                                long: bool = False) -> torch.Tensor:
     """The paged variant on a prebuilt tile table (7 columns, from
-    ``tile_rows`` with ``block_m_of(..., long)`` queries per tile; tiles with
+    ``tile_rows`` with ``block_m_of(..., long, group)`` queries per tile; tiles with
     no queries do nothing), with no host-side work that depends on the data:
     what a CUDA graph captures."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    group = q.shape[1] // k.shape[1]
     return _launch(q, k, v, out, tiles, scale, True, kv_cache, block_table,
-                   _config(q.shape[2], q.dtype, long))
+                   _config(q.shape[2], q.dtype, long, group), long)
 
 
-def _launch(q, k, v, out, tiles, scale, sep_kv, kv_cache=None, block_table=None, config=None):
+def _launch(q, k, v, out, tiles, scale, sep_kv, kv_cache=None, block_table=None, config=None,
+            long=False):
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k.shape[1]
-    block_m, block_n, num_warps, num_stages = config or _config(head_dim, q.dtype)
+    group = num_heads // num_kv_heads
+    block_m, block_n, num_warps, num_stages = config or _config(head_dim, q.dtype, long, group)
     if kv_cache is None:  # unused pointer arguments: the kernel is compiled without them
         cache, table, cache_strides, page_size = q, tiles, (0, 0, 0, 0), 1
     else:
@@ -279,7 +314,9 @@ def _launch(q, k, v, out, tiles, scale, sep_kv, kv_cache=None, block_table=None,
         assert table.dtype == torch.int32 and table.is_contiguous(), "block_table: contiguous int32"
         cache_strides = (cache.stride(0), cache.stride(1), cache.stride(2), table.stride(0))
         page_size = cache.shape[2]
-    _bidir_attn_kernel[(tiles.shape[0], num_heads)](
+    pack = packs(group, long)
+    assert tiles.shape[0] < 65536, "more than 65535 query tiles in one launch"
+    _bidir_attn_kernel[(num_kv_heads if pack else num_heads, tiles.shape[0])](
         q, k, v, out, tiles, float(scale),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), out.stride(0), out.stride(1),
@@ -287,7 +324,7 @@ def _launch(q, k, v, out, tiles, scale, sep_kv, kv_cache=None, block_table=None,
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_M=block_m, BLOCK_N=block_n,
         IEEE=q.dtype == torch.float32, SEP_KV=sep_kv,
-        PAGED=kv_cache is not None, PAGE_SIZE=page_size,
+        PAGED=kv_cache is not None, PAGE_SIZE=page_size, PACK=pack,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

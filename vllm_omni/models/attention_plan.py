@@ -283,5 +283,6 @@ class AttentionPlan:
 
     def attend(self, layer: int, q, k, v, scale: float, kv_cache: torch.Tensor) -> torch.Tensor:
         """The plan handed to the model as is (the tests' forwards)."""
-        block_m = tile_block_m(q.shape[-1], q.dtype, q.device, self.long)
+        block_m = tile_block_m(q.shape[-1], q.dtype, q.device, self.long,
+                               q.shape[1] // k.shape[1])
         return self.tensors(block_m).attend(layer, q, k, v, scale, kv_cache)

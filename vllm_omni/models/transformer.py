@@ -80,6 +80,7 @@ class KVLayout:
     num_kv_heads: int  # on this rank
     head_dim: int
     dtype: torch.dtype
+    group: int = 1  # query heads per KV head (the kernel's GQA packing)
 
 
 class DenoiseAttention(nn.Module):
@@ -286,9 +287,10 @@ class DiffusionLM(nn.Module):
 
     # The denoising forward ---------------------------------------------------
     def kv_layout(self) -> KVLayout:
-        return KVLayout(self.shape.num_layers,
-                        self.shape.kv_heads_per_rank(get_tensor_model_parallel_world_size()),
-                        self.shape.head_dim, self.lm_head.weight.dtype)
+        tp = get_tensor_model_parallel_world_size()
+        kv_heads = self.shape.kv_heads_per_rank(tp)
+        return KVLayout(self.shape.num_layers, kv_heads, self.shape.head_dim,
+                        self.lm_head.weight.dtype, self.shape.num_heads // tp // kv_heads)
 
     def kv_cache_page_size(self) -> int:
         """Rows per page of the KV cache vLLM bound to the attention layers
