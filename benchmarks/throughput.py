@@ -233,7 +233,8 @@ def run_engine(kind: str, model: str, args, shape: dict, out_path: str) -> None:
                     # The denoiser's own account (rank 0): per step, the host
                     # time until its kernels are queued vs. until it is done.
                     st = llm.collective_rpc("diffusion_step_stats")[0]
-                    row.update(forwards=st["steps"], graph_forwards=st["graph_steps"],
+                    row.update(engine_steps=st["engine_steps"],  # one per block in lockstep
+                               forwards=st["steps"], graph_forwards=st["graph_steps"],
                                forward_tokens=st["forward_tokens"],
                                host_ms_per_forward=round(1e3 * st["host_s"] / st["steps"], 3),
                                wall_ms_per_forward=round(1e3 * st["wall_s"] / st["steps"], 3),

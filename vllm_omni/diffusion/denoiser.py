@@ -112,6 +112,9 @@ class StepStats:
 
     steps: int = 0
     forward_tokens: int = 0
+    # Engine steps that scheduled tokens (the runner counts them): a batch in
+    # lockstep takes one per block (overview.md, "Arrival skew").
+    engine_steps: int = 0
     host_s: float = 0.0
     wall_s: float = 0.0
     graph_steps: int = 0

@@ -160,6 +160,7 @@ class DiffusionRunnerMixin:
                 self.cpu_generators.pop(req_id, None)
         if not scheduler_output.total_num_scheduled_tokens:
             return EMPTY_MODEL_RUNNER_OUTPUT
+        self.denoiser.stats.engine_steps += 1
 
         req_ids = list(self.input_batch.req_ids)
         if block_causal:
