@@ -238,8 +238,10 @@ def run_engine(kind: str, model: str, args, shape: dict, out_path: str) -> None:
                                forward_tokens=st["forward_tokens"],
                                host_ms_per_forward=round(1e3 * st["host_s"] / st["steps"], 3),
                                wall_ms_per_forward=round(1e3 * st["wall_s"] / st["steps"], 3),
-                               # the rest: vLLM's engine steps, our runner, the front end
                                denoise_frac=round(st["wall_s"] / elapsed, 3),
+                               # with our runner's own work (the rest: vLLM's
+                               # scheduling, outputs and IPC, the front end)
+                               runner_frac=round(st["runner_s"] / elapsed, 3),
                                capture_ms=round(1e3 * st["capture_s"], 1))
                     eager = st["steps"] - st["graph_steps"]
                     # Graphed (block-only) and eager (refresh, exact, prefix) steps apart.

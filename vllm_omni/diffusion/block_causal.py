@@ -150,6 +150,9 @@ class BlockCausalDenoiser:
         self._graphed = False  # whether the last forward replayed a graph
         self.arena: KeyArena | None = None
         self._store_row = 0  # a group's first arena row for store sequences
+        # Per distinct DiffusionParams: (algorithm, commit key); requests of
+        # one workload share a handful.
+        self._settings: dict[DiffusionParams, tuple] = {}
 
     def page_size(self) -> int:
         return self.model.kv_cache_page_size()
@@ -228,7 +231,7 @@ class BlockCausalDenoiser:
                     raise RuntimeError(f"request {work.req_id}: no store for its AR token")
                 awaiting.append(work)
             else:
-                self._start_block(work, torch.tensor(known, dtype=torch.long), len(known))
+                self._start_block(work, known, len(known))
                 active.append(work)
         self._store_row = row  # store sequences' arena rows follow the blocks'
         stores = [w for w in works if w.store_end > w.store_start]
@@ -263,16 +266,28 @@ class BlockCausalDenoiser:
         token buffer, masked by ``start_group``)."""
         work.block = self.plans.block(work)
         if n:
-            work.block[:n] = first.to(self.device)
+            work.block[:n] = torch.as_tensor(first, dtype=torch.long).to(self.device)
         work.first_mask, work.step = n, 0
-        algorithm = ALGORITHMS[work.params.algorithm]
+        params = work.params
+        algorithm, key = self._settings_of(params)
         # A step's window follows the first mask (sub-blocks, block cache):
         # then the denoiser looks after every step.
-        work.min_steps = 1 if work.params.small_block_size or work.block_cache else \
-            algorithm.min_steps(work.params, work.block_length - n)
-        work.commit_key = (algorithm.name, work.params.temperature, work.block_length,
-                           *(getattr(work.params, k) for k in algorithm.knobs),
-                           work.generator and id(work.generator))
+        work.min_steps = 1 if params.small_block_size or work.block_cache else \
+            algorithm.min_steps(params, work.block_length - n)
+        work.commit_key = (*key, work.generator and id(work.generator))
+
+    def _settings_of(self, params: DiffusionParams) -> tuple:
+        """The request's algorithm and what its commit reads (batches share
+        it), kept per distinct params (a bounded memo: a server sees many)."""
+        settings = self._settings.get(params)
+        if settings is None:
+            if len(self._settings) >= 1024:
+                self._settings.clear()
+            algorithm = ALGORITHMS[params.algorithm]
+            settings = self._settings[params] = (
+                algorithm, (algorithm.name, params.temperature, params.block_length,
+                            *(getattr(params, k) for k in algorithm.knobs)))
+        return settings
 
     def _first_masks(self, works: list[BlockWork]) -> list[int]:
         # One gather of the blocks' token rows (``block_plan.py``).

@@ -115,6 +115,10 @@ class StepStats:
     # Engine steps that scheduled tokens (the runner counts them): a batch in
     # lockstep takes one per block (overview.md, "Arrival skew").
     engine_steps: int = 0
+    # The runner's whole execute_model in those steps (``wall_s`` and the
+    # runner's own work: vLLM's _update_states, the works, the bookkeeping);
+    # the rest of an engine step is vLLM's (scheduling, outputs, IPC).
+    runner_s: float = 0.0
     host_s: float = 0.0
     wall_s: float = 0.0
     graph_steps: int = 0

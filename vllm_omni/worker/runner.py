@@ -21,6 +21,7 @@ Models that are not diffusion LMs take vLLM's own path untouched.
 
 import contextlib
 import gc
+import time
 
 import torch
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
@@ -41,6 +42,7 @@ from vllm_omni.worker.bookkeeping import commit_block
 class DiffusionRunnerMixin:
     denoiser: Denoiser | BlockCausalDenoiser | None = None
     image_denoiser: ImageDenoiser | None = None
+    _page_ratio: int | None = None  # vLLM's KV block / the kernel's page (_kv_pages)
 
     def load_model(self, *args, **kwargs) -> None:
         super().load_model(*args, **kwargs)
@@ -151,6 +153,14 @@ class DiffusionRunnerMixin:
             return self._execute_images(scheduler_output)
         if self.denoiser is None:
             return super().execute_model(scheduler_output, intermediate_tensors)
+        start = time.perf_counter()
+        output = self._execute_diffusion(scheduler_output)
+        if output is not EMPTY_MODEL_RUNNER_OUTPUT:
+            self.denoiser.stats.engine_steps += 1
+            self.denoiser.stats.runner_s += time.perf_counter() - start
+        return output
+
+    def _execute_diffusion(self, scheduler_output):
         self._update_states(scheduler_output)
         block_causal = isinstance(self.denoiser, BlockCausalDenoiser)
         for req_id in scheduler_output.finished_req_ids:
@@ -160,7 +170,6 @@ class DiffusionRunnerMixin:
                 self.cpu_generators.pop(req_id, None)
         if not scheduler_output.total_num_scheduled_tokens:
             return EMPTY_MODEL_RUNNER_OUTPUT
-        self.denoiser.stats.engine_steps += 1
 
         req_ids = list(self.input_batch.req_ids)
         if block_causal:
@@ -284,7 +293,9 @@ class DiffusionRunnerMixin:
         """The KV-cache pages of a request's blocks. The attention kernel's
         page may be a fraction of the block vLLM's KV-cache manager hands
         out (vLLM's ``kernel_block_size``): block b is then pages b*r..b*r+r-1."""
-        ratio = self.cache_config.block_size // self.denoiser.page_size()
+        ratio = self._page_ratio
+        if ratio is None:  # known once vLLM has bound the KV cache
+            ratio = self._page_ratio = self.cache_config.block_size // self.denoiser.page_size()
         if ratio == 1:
             return block_ids
         return [b * ratio + j for b in block_ids for j in range(ratio)]
