@@ -39,6 +39,11 @@ What a family changes (flags of its model class, knobs of its requests):
   starts with a decided token runs only the sub-block's queries, over the
   pages and the arena's block (its own rows rewritten in place); other steps
   run the whole block and refresh all of it.
+- A refining algorithm (``Algorithm.refines``, LLaDA2's editing) may change
+  decided tokens of the block (not its known ones), so it, not the last
+  mask, ends the block: each step it gets the block's ``RefineState`` and
+  sets its ``done`` flag, which the step's one look at the device reads
+  with the first masks. The block still goes to the pages only once done.
 
 Each forward is one ``AttentionPlan`` built by ``block_plan.py``, replayed
 as a CUDA graph when it fits (``cuda_graphs.py``): stores, denoising steps
@@ -58,7 +63,7 @@ import numpy as np
 import torch
 from vllm.distributed import get_tensor_model_parallel_world_size, get_tp_group
 
-from vllm_omni.diffusion.algorithms import ALGORITHMS, apply_commit, draws_random
+from vllm_omni.diffusion.algorithms import ALGORITHMS, RefineState, apply_commit, draws_random
 from vllm_omni.diffusion.block_plan import BlockPlans
 from vllm_omni.diffusion.cuda_graphs import Forwards, geometric_bucket
 from vllm_omni.diffusion.denoiser import StepStats
@@ -83,6 +88,9 @@ class BlockWork:
     step: int = 0  # denoising steps taken on the block
     first_mask: int = 0  # the block's first masked position (block_length: none)
     arena_row: int = 0  # block cache: the arena row of the block's first position
+    # The stop token a refining algorithm may end a block on (None: ignore_eos).
+    eos_token_id: int | None = None
+    refine: RefineState | None = None  # a refining algorithm's block state
 
     @property
     def block_length(self) -> int:
@@ -108,7 +116,8 @@ class BlockWork:
         """The block positions whose logits this step reads: the sub-block
         holding the first mask (the whole block without sub-blocks)."""
         size = self.params.small_block_size or self.block_length
-        start = self.first_mask // size * size
+        # A refining block goes on after its last mask (first_mask = block length).
+        start = min(self.first_mask, self.block_length - 1) // size * size
         return start, start + size
 
     def sub_block_step(self) -> bool:
@@ -237,10 +246,12 @@ class BlockCausalDenoiser:
                 self._agree(active)
             issued = time.perf_counter()
             if active:  # one look at the device for the whole batch
-                firsts = self._first_masks(active)
+                firsts, done = self._first_masks(active)
                 for work, first in zip(active, firsts):
                     work.first_mask = first
-                active = [w for w in active if w.first_mask < w.block_length]
+                done = iter(done)
+                active = [w for w in active if not (next(done) if w.refine is not None
+                                                    else w.first_mask >= w.block_length)]
             for work, ar_row in zip(awaiting, ar_logits):
                 # The block-end AR token: greedy whatever the request's sampling.
                 self._start_block(work, ar_row.argmax(-1, keepdim=True), 1)
@@ -257,10 +268,14 @@ class BlockCausalDenoiser:
         if n:
             work.block[:n] = first.to(self.device)
         work.first_mask, work.step = n, 0
+        if ALGORITHMS[work.params.algorithm].refines:
+            work.refine = RefineState(n, work.eos_token_id, self.mask_token_id)
 
-    def _first_masks(self, works: list[BlockWork]) -> list[int]:
-        # One gather of the blocks' token rows (``block_plan.py``).
-        return self.plans.first_masks(works)
+    def _first_masks(self, works: list[BlockWork]) -> tuple[list[int], list[bool]]:
+        """Each work's first mask, and the done flags of the refining ones, in
+        one look (a gather of the blocks' token rows: ``block_plan.py``)."""
+        return self.plans.first_masks(works, [w.refine.done for w in works
+                                              if w.refine is not None])
 
     def _forward(self, stores: list[BlockWork], active: list[BlockWork],
                  awaiting: list[BlockWork]):
@@ -290,7 +305,12 @@ class BlockCausalDenoiser:
             logits = logits.clone()
             logits[:, self.mask_token_id] = float("-inf")
         commit = ALGORITHMS[work.params.algorithm].commit
-        positions, tokens = commit(logits, masked, work.step, work.params, work.generator)
+        if work.refine is None:
+            positions, tokens = commit(logits, masked, work.step, work.params, work.generator)
+        else:
+            work.refine.block, work.refine.had_masks = window, work.first_mask < work.block_length
+            positions, tokens = commit(logits, masked, work.step, work.params, work.generator,
+                                       work.refine)
         apply_commit(window, positions, tokens)
         work.step += 1
 
@@ -299,3 +319,9 @@ class BlockCausalDenoiser:
         blocks = get_tp_group().broadcast(torch.cat([w.block for w in works]), src=0)
         for work, block in zip(works, blocks.split([w.block_length for w in works])):
             work.block.copy_(block)
+        refining = [w for w in works if w.refine is not None]
+        if refining:  # and when their blocks are done, which follows from rank 0's draws
+            done = torch.stack([torch.as_tensor(w.refine.done, device=w.block.device)
+                                for w in refining])
+            for work, flag in zip(refining, get_tp_group().broadcast(done, src=0)):
+                work.refine.done = flag
