@@ -1,8 +1,9 @@
 """The bidirectional transformer shared by the diffusion LM families.
 
 LLaDA, Dream and SDAR are Llama-shaped stacks (RMSNorm, RoPE, SwiGLU MLP, GQA;
-SDAR as Qwen3 with per-head q/k RMSNorm) that attend as the forward's plan
-says: no causal mask for LLaDA and Dream, SDAR's block-causal mask as one plan
+SDAR as Qwen3 with per-head q/k RMSNorm; LLaDA2 with partial RoPE and a
+mixture of experts as its later layers' MLP, ``DiffusionLM.make_mlp``) that
+attend as the forward's plan says: no causal mask for LLaDA and Dream, SDAR's block-causal mask as one plan
 sequence per block (``docs/architecture/overview.md``, "Block-causal
 families"). This module builds that stack once from vLLM's parallel layers,
 so tensor parallelism and weight loading work as in vLLM's own models; each
