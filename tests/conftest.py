@@ -111,6 +111,25 @@ def checked_bookkeeping(llm):
         log.update(llm.collective_rpc(_watch_bookkeeping, args=(False,))[0])
 
 
+def block_causal_forward(model, input_ids, block_length):
+    """A block-causal model's logits for every position of ``input_ids``
+    under its block mask: one store sequence per block (each writes its
+    block to the pages, then attends to the pages before it and to itself).
+    The pages are page 0, vLLM's null block, which no request owns. Run in
+    the worker (``LLM.apply_model``)."""
+    from vllm_omni.models.attention_plan import AttentionPlan, SequencePlan
+
+    device = next(model.parameters()).device
+    n, page = input_ids.numel(), model.kv_cache_page_size()
+    assert n <= page
+    seqs = [SequencePlan(s + block_length, s, s + block_length, [0], write=(s, s + block_length))
+            for s in range(0, n, block_length)]
+    with torch.inference_mode():
+        plan = AttentionPlan(seqs, page, device)
+        rows = torch.arange(n, device=device)
+        return model.denoise_logits(input_ids.to(device), rows, plan, rows).cpu()
+
+
 def start_engine(model: str, **kwargs):
     from vllm import LLM
 

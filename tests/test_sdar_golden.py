@@ -17,7 +17,8 @@ import torch
 from vllm import SamplingParams
 from vllm.sampling_params import RequestOutputKind
 
-from conftest import REPO, checked_bookkeeping, graph_shaped_steps, start_engine
+from conftest import (REPO, block_causal_forward, checked_bookkeeping, graph_shaped_steps,
+                      start_engine)
 from vllm_omni.compat import RequestError
 
 SDAR = REPO / "tests" / "sdar"
@@ -86,24 +87,6 @@ def any_block_sdar():
     del llm
 
 
-def _block_causal_forward(model, input_ids, block_length):
-    """Our logits for every position of ``input_ids`` under SDAR's block
-    mask: one store sequence per block (each writes its block to the pages,
-    then attends to the pages before it and to itself). The pages are page 0,
-    vLLM's null block, which no request owns."""
-    from vllm_omni.models.attention_plan import AttentionPlan, SequencePlan
-
-    device = next(model.parameters()).device
-    n, page = input_ids.numel(), model.kv_cache_page_size()
-    assert n <= page
-    seqs = [SequencePlan(s + block_length, s, s + block_length, [0], write=(s, s + block_length))
-            for s in range(0, n, block_length)]
-    with torch.inference_mode():
-        plan = AttentionPlan(seqs, page, device)
-        rows = torch.arange(n, device=device)
-        return model.denoise_logits(input_ids.to(device), rows, plan, rows).cpu()
-
-
 def test_forward_matches_official_logits(sdar_llm):
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -112,7 +95,7 @@ def test_forward_matches_official_logits(sdar_llm):
     ref = load_file(str(path))
     with safe_open(str(path), "pt") as f:
         assert "block_length=4" in f.metadata()["info"]
-    (logits,) = sdar_llm.apply_model(partial(_block_causal_forward, input_ids=ref["input_ids"],
+    (logits,) = sdar_llm.apply_model(partial(block_causal_forward, input_ids=ref["input_ids"],
                                              block_length=4))
     want = ref["logits"]
     assert logits.shape == want.shape

@@ -33,6 +33,12 @@
   ``contextvars`` hand-over), so no shim is needed. The plugin, endpoint-plugin,
   ``PoolingParams(task="plugin")``, renderer and error-response APIs it uses
   are the same in both.
+- Mixture-of-experts layers (LLaDA2): 0.27.1 builds them with
+  ``FusedMoEFactory`` (a ``MoERunner`` whose expert weights sit one module
+  deeper), 0.26 with the ``FusedMoE`` class; both take the same routing
+  arguments, and each expert weight parameter's ``weight_loader`` takes
+  ``(param, loaded_weight, weight_name, shard_id, expert_id)`` in both
+  (``fused_moe`` below; the model finds the parameters by name suffix).
 """
 
 from vllm.exceptions import VLLMValidationError as RequestError
@@ -40,7 +46,16 @@ from vllm.model_executor.layers.attention import Attention as PagedAttention
 
 # RequestError: what vLLM raises for an invalid request (LLM.generate) and
 # turns into HTTP 400. A ValueError on 0.26; a VLLMClientError on 0.27.1.
-__all__ = ["PagedAttention", "RequestError", "is_cpu_platform"]
+__all__ = ["PagedAttention", "RequestError", "fused_moe", "is_cpu_platform"]
+
+
+def fused_moe(**kwargs):
+    """vLLM's fused mixture-of-experts layer (see the module docstring)."""
+    try:
+        from vllm.model_executor.layers.fused_moe import FusedMoEFactory as build
+    except ImportError:  # vLLM 0.26
+        from vllm.model_executor.layers.fused_moe import FusedMoE as build
+    return build(**kwargs)
 
 
 def is_cpu_platform() -> bool:

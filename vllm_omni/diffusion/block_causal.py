@@ -39,6 +39,11 @@ What a family changes (flags of its model class, knobs of its requests):
   starts with a decided token runs only the sub-block's queries, over the
   pages and the arena's block (its own rows rewritten in place); other steps
   run the whole block and refresh all of it.
+- A refining algorithm (``Algorithm.refines``, LLaDA2's editing) may change
+  decided tokens of the block (not its known ones), so it, not the last
+  mask, ends the block: each step it gets the block's ``RefineState`` and
+  sets its ``done`` flag, which the step's one look at the device reads
+  with the first masks. The block still goes to the pages only once done.
 
 Each forward is one ``AttentionPlan`` built by ``block_plan.py``, replayed
 as a CUDA graph when it fits (``cuda_graphs.py``): stores, denoising steps
@@ -58,7 +63,7 @@ import numpy as np
 import torch
 from vllm.distributed import get_tensor_model_parallel_world_size, get_tp_group
 
-from vllm_omni.diffusion.algorithms import ALGORITHMS, draws_random
+from vllm_omni.diffusion.algorithms import ALGORITHMS, RefineState, draws_random
 from vllm_omni.diffusion.block_plan import BlockPlans
 from vllm_omni.diffusion.cuda_graphs import Forwards, geometric_bucket
 from vllm_omni.diffusion.denoiser import StepStats
@@ -86,6 +91,9 @@ class BlockWork:
     # Set when the block starts (``BlockCausalDenoiser._start_block``):
     min_steps: int = 1  # steps before which the block cannot be finished
     commit_key: tuple = ()  # what its algorithm's commit reads (batches share it)
+    # The stop token a refining algorithm may end a block on (None: ignore_eos).
+    eos_token_id: int | None = None
+    refine: RefineState | None = None  # a refining algorithm's block state
 
     @property
     def block_length(self) -> int:
@@ -111,7 +119,8 @@ class BlockWork:
         """The block positions whose logits this step reads: the sub-block
         holding the first mask (the whole block without sub-blocks)."""
         size = self.params.small_block_size or self.block_length
-        start = self.first_mask // size * size
+        # A refining block goes on after its last mask (first_mask = block length).
+        start = min(self.first_mask, self.block_length - 1) // size * size
         return start, start + size
 
     def batch_key(self) -> tuple:
@@ -249,9 +258,13 @@ class BlockCausalDenoiser:
             # next forward while the GPU runs this one).
             looks = [w for w in active if w.step >= w.min_steps]
             if looks:
-                for work, first in zip(looks, self._first_masks(looks)):
+                firsts, done = self._first_masks(looks)
+                done, finished = iter(done), set()
+                for work, first in zip(looks, firsts):
                     work.first_mask = first
-                active = [w for w in active if w.first_mask < w.block_length]
+                    if next(done) if work.refine is not None else first >= work.block_length:
+                        finished.add(id(work))
+                active = [w for w in active if id(w) not in finished]
             for work, ar_row in zip(awaiting, ar_logits):
                 # The block-end AR token: greedy whatever the request's sampling.
                 self._start_block(work, ar_row.argmax(-1, keepdim=True), 1)
@@ -270,6 +283,10 @@ class BlockCausalDenoiser:
         work.first_mask, work.step = n, 0
         params = work.params
         algorithm, key = self._settings_of(params)
+        if algorithm.refines:  # it says when the block is done: a look every step
+            work.refine = RefineState(n, work.eos_token_id, self.mask_token_id)
+            work.min_steps, work.commit_key = 1, (*key, id(work))  # its state: alone
+            return
         # A step's window follows the first mask (sub-blocks, block cache):
         # then the denoiser looks after every step.
         work.min_steps = 1 if params.small_block_size or work.block_cache else \
@@ -289,9 +306,11 @@ class BlockCausalDenoiser:
                             *(getattr(params, k) for k in algorithm.knobs)))
         return settings
 
-    def _first_masks(self, works: list[BlockWork]) -> list[int]:
-        # One gather of the blocks' token rows (``block_plan.py``).
-        return self.plans.first_masks(works)
+    def _first_masks(self, works: list[BlockWork]) -> tuple[list[int], list[bool]]:
+        """Each work's first mask, and the done flags of the refining ones, in
+        one look (a gather of the blocks' token rows: ``block_plan.py``)."""
+        return self.plans.first_masks(works, [w.refine.done for w in works
+                                              if w.refine is not None])
 
     def _forward(self, stores: list[BlockWork], active: list[BlockWork],
                  awaiting: list[BlockWork]):
@@ -340,7 +359,14 @@ class BlockCausalDenoiser:
             logits = logits.clone()
             logits[..., self.mask_token_id] = float("-inf")
         commit = ALGORITHMS[work.params.algorithm].commit
-        positions, tokens = commit(logits, masked, work.step, work.params, work.generator)
+        if work.refine is None:
+            positions, tokens = commit(logits, masked, work.step, work.params, work.generator)
+        else:  # one block (its own batch_key), with its state
+            work.refine.block = windows[0]
+            work.refine.had_masks = work.first_mask < work.block_length
+            positions, tokens = commit(logits[0], masked[0], work.step, work.params,
+                                       work.generator, work.refine)
+            positions, tokens = positions[None], tokens[None]
         self.plans.write_windows(windows, index, torch.where(positions, tokens, windows))
         for w in run:
             w.step += 1
@@ -350,3 +376,9 @@ class BlockCausalDenoiser:
         blocks = get_tp_group().broadcast(torch.cat([w.block for w in works]), src=0)
         for work, block in zip(works, blocks.split([w.block_length for w in works])):
             work.block.copy_(block)
+        refining = [w for w in works if w.refine is not None]
+        if refining:  # and when their blocks are done, which follows from rank 0's draws
+            done = torch.stack([torch.as_tensor(w.refine.done, device=w.block.device)
+                                for w in refining])
+            for work, flag in zip(refining, get_tp_group().broadcast(done, src=0)):
+                work.refine.done = flag

@@ -93,11 +93,12 @@ class BlockPlans:
         else:
             self.tokens[index] = values
 
-    def first_masks(self, works) -> list[int]:
+    def first_masks(self, works, flags=()) -> tuple[list[int], list[bool]]:
         """Each work's first masked block position (its block length: none),
         for all of them in one look at the device: a gather of their blocks'
         rows, each followed by the mask row (the rows are kept while the same
-        works ask, as in a block's steps)."""
+        works ask, as in a block's steps). ``flags`` (device or host bools)
+        come back with them, read in the same look."""
         key = tuple(map(id, works))
         if self._looks is None or self._looks[0] != key:
             lengths = _ints([w.block_length for w in works])
@@ -106,7 +107,12 @@ class BlockPlans:
                             _ints([w.arena_row for w in works])[:, None] + cols, self.rows + 1)
             self._looks = (key, to_device(rows, self.device))
         blocks = self.tokens[self._looks[1]]
-        return (blocks == self.mask_token_id).int().argmax(1).tolist()
+        firsts = (blocks == self.mask_token_id).int().argmax(1)
+        if not flags:
+            return firsts.tolist(), []
+        flags = torch.stack([torch.as_tensor(f, device=firsts.device) for f in flags])
+        values = torch.cat([firsts, flags.to(firsts.dtype)]).tolist()
+        return values[: len(works)], [bool(v) for v in values[len(works):]]
 
     def plan(self, stores, active, awaiting, store_row: int, page_size: int,
              arena: KeyArena | None) -> AttentionPlan:

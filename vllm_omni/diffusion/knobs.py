@@ -107,12 +107,14 @@ _CACHES = {"llada": ("none", "prefix", "dual"), "dream": ("none", "prefix", "dua
 # SDAR's defaults are its official sampler's command line (block 4, 4 steps,
 # low_confidence_dynamic at 0.85; JetAstra/SDAR generate.py). Fast-dLLM v2's
 # are its model card's call of the checkpoint's generate (sub-blocks of 8,
-# threshold 0.9; top_p is generate's own default).
+# threshold 0.9; top_p is generate's own default). LLaDA2's are diffusers'
+# LLaDA2Pipeline's (block 32, 32 steps, threshold 0.7, editing 0.5, 16 post steps).
 KNOBS: tuple[Knob, ...] = (
     Knob("algorithm", str, "which masked positions a step commits, with which tokens "
          "(`vllm_omni/diffusion/algorithms/`, one file each)",
          default={"llada": "low_confidence", "dream": "maskgit_plus",
-                  "sdar": "low_confidence_dynamic", "fast_dllm_v2": "parallel_threshold"},
+                  "sdar": "low_confidence_dynamic", "fast_dllm_v2": "parallel_threshold",
+                  "llada2": "block_refinement"},
          choices=_algorithms_of),
     Knob("steps", int, "denoising steps over all blocks; must divide evenly across the "
          "blocks and be at most the canvas length",
@@ -121,10 +123,11 @@ KNOBS: tuple[Knob, ...] = (
     Knob("block_length", int, "block size. LLaDA, Dream: semi-autoregressive blocks after "
          "the prompt, at most `max_tokens` (a default larger than `max_tokens` shrinks to "
          "it); SDAR: blocks counted from position 0, must divide the KV page size "
-         "(`block_size`, 32 unless set), and be the engine's while prefix caching is on. "
-         "Fast-dLLM v2 takes none: its blocks are the "
+         "(`block_size`, 32 unless set), and be the engine's while prefix caching is on "
+         "(LLaDA2 likewise). Fast-dLLM v2 takes none: its blocks are the "
          "checkpoint's `bd_size` (32)",
-         default={"llada": 32, "sdar": 4}, families=("llada", "dream", "sdar"), low=1,
+         default={"llada": 32, "sdar": 4, "llada2": 32},
+         families=("llada", "dream", "sdar", "llada2"), low=1,
          none_doc="the whole canvas", loop=True),
     Knob("cache", str, "`none`: exact, each step runs the whole canvas (Fast-dLLM v2: the "
          "whole block over the stored blocks); `prefix`, `dual`: Fast-dLLM's caches, refreshed "
@@ -137,13 +140,24 @@ KNOBS: tuple[Knob, ...] = (
     Knob("threshold", float, "confidence-threshold parallel decoding (Fast-dLLM)",
          families=("llada",), low=0, high=1, closed=(False, True), nullable=True),
     Knob("denoising_steps_per_block", int, "denoising steps of each block (SDAR's "
-         "`denoising_steps`): step i commits `block_length // steps` masked positions, one "
-         "more for i < `block_length % steps`; at most `block_length`",
-         default={"sdar": 4}, families=("sdar",), low=1),
+         "`denoising_steps`, LLaDA2's `num_inference_steps`): step i commits "
+         "`block_length // steps` masked positions, one more for i < `block_length % steps`; "
+         "at most `block_length` (LLaDA2: also capped at `max_tokens`, as the reference caps it "
+         "at `gen_length`)",
+         default={"sdar": 4, "llada2": 32}, families=("sdar", "llada2"), low=1),
     Knob("confidence_threshold", float, "`low_confidence_dynamic`: a step commits every "
          "masked position whose drawn token's probability is strictly above it when they "
-         "are at least the step's quota, else the quota's most confident",
-         default={"sdar": 0.85}, families=("sdar",), low=0, high=1),
+         "are at least the step's quota, else the quota's most confident (LLaDA2's `threshold`; "
+         "1: always the quota)",
+         default={"sdar": 0.85, "llada2": 0.7}, families=("sdar", "llada2"), low=0, high=1),
+    Knob("editing_threshold", float, "LLaDA2's editing: every step also replaces each decided "
+         "(not prompt) token of the block whose newly drawn token differs and has probability "
+         "strictly above it; after the last mask the block goes on while a step edits, up to "
+         "`max_post_steps` + 1 more steps; 0 or null: off (LLaDA2.0 checkpoints)",
+         default={"llada2": 0.5}, families=("llada2",), low=0, high=1, nullable=True, off=0.0),
+    Knob("max_post_steps", int, "LLaDA2's editing: steps after the block's last mask is "
+         "committed, at most this + 1 (the reference's `max_post_steps`)",
+         default={"llada2": 16}, families=("llada2",), low=0),
     Knob("small_block_size", int, "Fast-dLLM v2's sub-block: a block's sub-blocks of this "
          "many tokens are decoded left to right, each step reading only the current one's "
          "logits; must divide the block length",
@@ -159,11 +173,12 @@ KNOBS: tuple[Knob, ...] = (
     # ../shared/golden/README.md): the reference filters to the top 50.
     Knob("top_k", int, "filter to the k most likely tokens before drawing (Dream: also at "
          "temperature 0); 0: off; `SamplingParams.top_k` sets it too",
-         default={"dream": 50}, families=("dream", "sdar"), low=0, nullable=True, off=0,
+         default={"dream": 50}, families=("dream", "sdar", "llada2"), low=0, nullable=True, off=0,
          sampling_field_set=lambda v: v > 0),
     Knob("top_p", float, "nucleus filtering before drawing; 1: off; "
          "`SamplingParams.top_p` sets it too",
-         default={"fast_dllm_v2": 0.95}, families=("dream", "sdar", "fast_dllm_v2"), low=0,
+         default={"fast_dllm_v2": 0.95}, families=("dream", "sdar", "fast_dllm_v2", "llada2"),
+         low=0,
          high=1, closed=(False, True), nullable=True,
          sampling_field_set=lambda v: v < 1),
     Knob("alg_temp", float, "sample the committed positions from "

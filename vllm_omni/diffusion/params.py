@@ -38,8 +38,10 @@ class _Shape:
     def max_block_steps(self) -> int:
         """Block-causal: the steps a block takes at most unless the model
         draws the mask token itself (then the denoiser stops drawing it):
-        SDAR's schedule, else one committed position per step."""
-        return self.denoising_steps_per_block or self.block_length
+        SDAR's schedule, else one committed position per step; LLaDA2's
+        editing steps after the last mask come on top."""
+        steps = self.denoising_steps_per_block or self.block_length
+        return steps if self.max_post_steps is None else steps + self.max_post_steps + 1
 
 
 # One field per knob of the table (``steps`` counts all blocks), so a knob is
@@ -101,7 +103,12 @@ def resolve_params(
                 raise ValueError(f"{family.name}: the checkpoint's block length "
                                  f"({family.block_length_key}) is needed")
             knobs["block_length"] = block_length
-        params = _block_causal_params(knobs, max_tokens, sampling_params.temperature, page_size)
+        if family.name == "llada2":
+            # The reference runs min(num_inference_steps, gen_length) steps per block.
+            knobs["denoising_steps_per_block"] = min(knobs["denoising_steps_per_block"],
+                                                     max_tokens)
+        params = _block_causal_params(knobs, max_tokens, sampling_params.temperature, page_size,
+                                      steps_past_block=family.name == "llada2")
         if pinned_block_length is not None and params.block_length != pinned_block_length:
             fail("block_length", f"must be {pinned_block_length}, the engine's block length, "
                  "while prefix caching is on (a block's keys depend on the block length, and "
@@ -165,16 +172,18 @@ def _divisors(n: int) -> list[int]:
 
 
 def _block_causal_params(knobs: dict, max_tokens: int, temperature: float,
-                         page_size: int | None) -> DiffusionParams:
-    """Blocks from absolute position 0 (SDAR, Fast-dLLM v2): the block
-    length divides the KV page size and bounds the steps per block, the
-    sub-block divides it; no canvas to fit."""
+                         page_size: int | None, steps_past_block: bool = False
+                         ) -> DiffusionParams:
+    """Blocks from absolute position 0 (SDAR, Fast-dLLM v2, LLaDA2): the block
+    length divides the KV page size and bounds the steps per block (not
+    LLaDA2's: ``steps_past_block``, its later steps commit what clears the
+    threshold), the sub-block divides it; no canvas to fit."""
     block_length = knobs["block_length"]
     if page_size is not None and page_size % block_length:
         fail("block_length", f"must divide the KV page size {page_size} (block_size), one of "
              f"{_divisors(page_size)}, got {block_length}")
     steps = knobs.get("denoising_steps_per_block")
-    if steps is not None and steps > block_length:
+    if steps is not None and steps > block_length and not steps_past_block:
         fail("denoising_steps_per_block", f"must be <= block_length ({block_length}): a step "
              f"commits at least one token, got {steps}")
     sub_block = knobs.get("small_block_size")

@@ -69,6 +69,15 @@ FAMILIES: dict[str, Family] = {
             block_causal=True,
             block_length_key="bd_size",
         ),
+        Family(
+            name="llada2",
+            title="LLaDA2",
+            architecture="LLaDA2MoeModelLM",
+            model_type="llada2_moe",
+            module="vllm_omni.models.llada2",
+            config_class="LLaDA2MoeConfig",
+            block_causal=True,
+        ),
     )
 }
 

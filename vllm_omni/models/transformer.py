@@ -1,8 +1,9 @@
 """The bidirectional transformer shared by the diffusion LM families.
 
 LLaDA, Dream and SDAR are Llama-shaped stacks (RMSNorm, RoPE, SwiGLU MLP, GQA;
-SDAR as Qwen3 with per-head q/k RMSNorm) that attend as the forward's plan
-says: no causal mask for LLaDA and Dream, SDAR's block-causal mask as one plan
+SDAR as Qwen3 with per-head q/k RMSNorm; LLaDA2 with partial RoPE and a
+mixture of experts as its later layers' MLP, ``DiffusionLM.make_mlp``) that
+attend as the forward's plan says: no causal mask for LLaDA and Dream, SDAR's block-causal mask as one plan
 sequence per block (``docs/architecture/overview.md``, "Block-causal
 families"). This module builds that stack once from vLLM's parallel layers,
 so tensor parallelism and weight loading work as in vLLM's own models; each
@@ -60,6 +61,8 @@ class TransformerShape:
     qk_norm: bool = False
     # Qwen3/SDAR give it in the config; it need not be hidden_size / num_heads.
     explicit_head_dim: int | None = None
+    # RoPE over the first rotary_dim dims of each head only (LLaDA2: half); None: all.
+    rotary_dim: int | None = None
 
     @property
     def head_dim(self) -> int:
@@ -120,7 +123,9 @@ class DenoiseAttention(nn.Module):
             # The last block may reach past max_model_len (the canvas rounds
             # max_tokens up to whole blocks, a block being <= max_tokens).
             max_position=2 * max(shape.max_position, vllm_config.model_config.max_model_len),
-            rope_parameters={"rope_theta": shape.rope_theta, "rope_type": "default"},
+            rope_parameters={"rope_theta": shape.rope_theta, "rope_type": "default",
+                             "partial_rotary_factor":
+                                 (shape.rotary_dim or self.head_dim) / self.head_dim},
             is_neox_style=True,
         )
         # vLLM's paged attention: it owns this layer's KV cache and serves
@@ -189,7 +194,7 @@ class SwiGLU(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(
         self, shape: TransformerShape, vllm_config: VllmConfig, prefix: str, layer_idx: int,
-        paged_kv: bool = True,
+        paged_kv: bool = True, mlp: nn.Module | None = None,
     ):
         super().__init__()
         self.input_layernorm = RMSNorm(shape.hidden_size, eps=shape.rms_norm_eps)
@@ -198,7 +203,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(
             shape.hidden_size, eps=shape.rms_norm_eps
         )
-        self.mlp = SwiGLU(shape, f"{prefix}.mlp")
+        # A family's own MLP for this layer (LLaDA2's mixture of experts), else SwiGLU.
+        self.mlp = mlp if mlp is not None else SwiGLU(shape, f"{prefix}.mlp")
 
     def forward(self, positions, hidden_states, residual, plan):
         # Pre-norm residual blocks with each residual add fused into the next
@@ -220,11 +226,13 @@ class BidirectionalTransformer(nn.Module):
     no vLLM KV cache, every forward has a plan)."""
 
     def __init__(self, shape: TransformerShape, vllm_config: VllmConfig, prefix: str,
-                 paged_kv: bool = True):
+                 paged_kv: bool = True, make_mlp=None):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(shape.vocab_size, shape.hidden_size)
+        # make_mlp(layer index, prefix) -> the layer's MLP, or None for SwiGLU.
         self.layers = nn.ModuleList(
-            DecoderLayer(shape, vllm_config, f"{prefix}.layers.{i}", i, paged_kv)
+            DecoderLayer(shape, vllm_config, f"{prefix}.layers.{i}", i, paged_kv,
+                         make_mlp(i, f"{prefix}.layers.{i}.mlp") if make_mlp else None)
             for i in range(shape.num_layers)
         )
         self.norm = RMSNorm(shape.hidden_size, eps=shape.rms_norm_eps)
@@ -261,13 +269,19 @@ class DiffusionLM(nn.Module):
         self.config = config
         self.shape = self.shape_from_config(config)
         self.mask_token_id: int = config.mask_token_id
-        self.model = BidirectionalTransformer(self.shape, vllm_config, "model")
+        self.model = BidirectionalTransformer(self.shape, vllm_config, "model",
+                                              make_mlp=self.make_mlp)
         self.lm_head = ParallelLMHead(self.shape.vocab_size, self.shape.hidden_size)
         self.logits_processor = LogitsProcessor(self.shape.vocab_size)
 
     @staticmethod
     def shape_from_config(config) -> TransformerShape:
         raise NotImplementedError
+
+    def make_mlp(self, layer_idx: int, prefix: str) -> nn.Module | None:
+        """The MLP of layer ``layer_idx``; None: the stack's SwiGLU (a family
+        with another MLP, LLaDA2's mixture of experts, overrides this)."""
+        return None
 
     @staticmethod
     def map_weight_name(name: str) -> tuple[str, str | int | None] | None:

@@ -241,7 +241,9 @@ class DiffusionRunnerMixin:
                 req_id, tokens, frontier, store_end, decode=end >= len(tokens), params=params,
                 generator=self._block_generator(req_id, state),
                 pages=self._kv_pages(state.block_ids[0]),
-                max_new=None if max_tokens is None else max_tokens - len(state.output_token_ids)))
+                max_new=None if max_tokens is None else max_tokens - len(state.output_token_ids),
+                # None under ignore_eos (vLLM's own stop check is off then too).
+                eos_token_id=state.sampling_params.eos_token_id))
         return works
 
     def _block_generator(self, req_id: str, state) -> torch.Generator | None:

@@ -10,11 +10,12 @@ its file (``docs/architecture/overview.md``, "Knobs and algorithms").
 import importlib
 import pkgutil
 
-from vllm_omni.diffusion.algorithms.registry import (ALGORITHMS, Algorithm, algorithms_for,
-                                                     apply_commit, register_algorithm)
+from vllm_omni.diffusion.algorithms.registry import (ALGORITHMS, Algorithm, RefineState,
+                                                     algorithms_for, apply_commit,
+                                                     register_algorithm)
 
-__all__ = ["ALGORITHMS", "Algorithm", "algorithms_for", "apply_commit", "draws_random",
-           "ends_on_schedule", "register_algorithm"]
+__all__ = ["ALGORITHMS", "Algorithm", "RefineState", "algorithms_for", "apply_commit",
+           "draws_random", "ends_on_schedule", "register_algorithm"]
 
 for _module in pkgutil.iter_modules(__path__, f"{__name__}."):
     importlib.import_module(_module.name)

@@ -16,6 +16,13 @@ A block-causal family's commit (SDAR, Fast-dLLM v2) is batched: ``logits``
 [n, W, vocab] and ``masked`` [n, W] hold n blocks' windows that share the
 step and every knob the algorithm reads, and it returns a bool selection
 [n, W] with the tokens [n, W] (``diffusion/block_causal.py``, ``_commit``).
+
+An algorithm registered with ``refines=True`` (LLaDA2's editing) may change
+decided tokens too, so a block-causal block is not done when its last mask
+is committed: its commit function works on one block ([W, vocab]) and takes
+a sixth argument, the block's ``RefineState`` (kept by the engine from the
+block's first step; below), and says in ``state.done`` when the block is
+done.
 """
 
 from collections.abc import Callable
@@ -54,6 +61,27 @@ class Algorithm:
     # a block with that many masks cannot be finished, so the denoiser skips
     # its look at the device until then (default: look after every step).
     min_steps: Callable
+    # Whether it may change decided tokens, so that it decides when a block is
+    # done (block-causal families; module docstring).
+    refines: bool = False
+
+
+@dataclass
+class RefineState:
+    """A block's state for a refining algorithm. The engine sets ``block`` (the
+    block's tokens, a device view) and ``had_masks`` (whether the block had a
+    mask when the step began: known on the host from the last step's look)
+    before each step; the algorithm keeps its counters and sets ``done`` (a
+    device bool, read in the step's one look at the device)."""
+
+    known: int  # the block's first positions hold known tokens (the prompt's): never edited
+    eos_token_id: int | None  # a committed eos may end the block; None: never (ignore_eos)
+    mask_token_id: int
+    block: object = None
+    had_masks: bool = True
+    mask_steps: int = 0  # steps begun with a mask left
+    post_steps: int = 0  # steps begun with none
+    done: object = False
 
 
 ALGORITHMS: dict[str, Algorithm] = {}
@@ -61,7 +89,7 @@ ALGORITHMS: dict[str, Algorithm] = {}
 
 def register_algorithm(name: str, *, families: tuple[str, ...], knobs: tuple[str, ...] = (),
                        draws_random: Callable = never, ends_on_schedule: Callable = never,
-                       min_steps: Callable = one_step):
+                       min_steps: Callable = one_step, refines: bool = False):
     """Decorator of a commit function: makes it the algorithm ``name`` of
     ``families``. Each knob it reads must be in the knob table
     (``diffusion/knobs.py``) and taken by each of those families."""
@@ -78,7 +106,7 @@ def register_algorithm(name: str, *, families: tuple[str, ...], knobs: tuple[str
                 raise ValueError(f"algorithm {name!r} reads {knob!r}, which families "
                                  f"{missing} do not take (its Knob.families)")
         ALGORITHMS[name] = Algorithm(name, commit, tuple(families), tuple(knobs),
-                                     draws_random, ends_on_schedule, min_steps)
+                                     draws_random, ends_on_schedule, min_steps, refines)
         return commit
 
     return decorator
