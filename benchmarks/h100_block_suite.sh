@@ -9,6 +9,9 @@
 #   bash benchmarks/h100_block_suite.sh ar4b     # vLLM's Qwen3 twin, SDAR-4B dims
 #   bash benchmarks/h100_block_suite.sh ours4b   # our engine, SDAR-4B shape
 #   bash benchmarks/h100_block_suite.sh ar8b | ours8b   # the same at SDAR-8B
+#   bash benchmarks/h100_block_suite.sh llada2 | arllada2
+#                          # issue 15: LLaDA2.0-mini shape (block 32) and vLLM's
+#                          # BailingMoeV2 twin; LLaDA2's golden tests on the GPU first
 #
 # vLLM on the device: the bundle of ../shared/gpu/ (scripts/gpu_bundle_split.sh
 # gives the calls).
@@ -17,14 +20,14 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/run}
 RUN=${RUN:-/tmp/h100-block-suite}
 source benchmarks/suite_common.sh
-bench() {  # name, model, limit, extra throughput.py arguments...
+bench() {  # name, model, limit, extra throughput.py arguments (after the defaults: they win)...
   local name=$1 model=$2 limit=$3; shift 3
   step "$name" "$limit" python3 benchmarks/throughput.py --model "benchmarks/models/$model" \
     --prompt 512 --gen 512 --block 4 --tokens-per-step 1 2 4 --batch 1 32 128 \
     --max-seconds-per-row 150 --gpu-memory-utilization 0.9 --json "$OUT/$name.json" "$@"
   grep -E "^\{|Error|error" "$RUN/logs/$name.log" | tail -14 | tee -a "$LOG"
 }
-case "${1:?part: check | ar4b | ours4b | ar8b | ours8b}" in
+case "${1:?part: check | ar4b | ours4b | ar8b | ours8b | llada2 | arllada2}" in
 check)
   step tests 330 python3 -m pytest -q -x -p no:cacheprovider tests/test_attention_kernel.py \
     tests/test_block_commit.py tests/test_fast_dllm_v2_golden.py tests/test_llada_golden.py
@@ -41,5 +44,11 @@ ar4b) bench ar4b sdar-4b-shape 560 --no-diffusion ;;
 ours4b) bench ours4b sdar-4b-shape 580 --no-ar ;;
 ar8b) bench ar8b sdar-8b-shape 560 --no-diffusion ;;
 ours8b) bench ours8b sdar-8b-shape 580 --no-ar ;;
+llada2)
+  step llada2_tests 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_llada2_golden.py
+  tail -3 "$RUN/logs/llada2_tests.log" | tee -a "$LOG"
+  bench llada2 llada2-mini-shape 380 --no-ar --block 32
+  ;;
+arllada2) bench arllada2 llada2-mini-shape 560 --no-diffusion --block 32 ;;
 esac
 cp "$LOG" "$OUT/suite-$1.log"

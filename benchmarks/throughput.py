@@ -45,14 +45,27 @@ import traceback
 
 from vllm_omni.worker import WORKER_CLS as WORKER
 LABEL = {"none": "exact", "prefix": "prefix", "dual": "dual", "block": "block"}
-BLOCK_CAUSAL = ("SDARForCausalLM",)  # architectures served in mode "block"
+# Architectures served in mode "block", with the knobs that make a step
+# commit exactly k tokens (denoising_steps_per_block = block / k): SDAR's
+# static schedule; LLaDA2's block_refinement with its threshold at 1 (always
+# the quota) and editing off (then, as its reference, one more forward after
+# the block's last mask).
+BLOCK_CAUSAL = {
+    "SDARForCausalLM": {"algorithm": "low_confidence_static"},
+    "LLaDA2MoeModelLM": {"algorithm": "block_refinement", "confidence_threshold": 1.0,
+                         "editing_threshold": 0.0},
+}
 
 
 def model_shape(config: dict) -> dict:
     """Dimensions from config.json: LLaDA's keys or Dream's (Qwen2's)."""
     def first(*keys):
         return next(config[k] for k in keys if config.get(k))  # LLaDA may write n_kv_heads: null
+    # An MoE's active MLP width per token: its routed and shared experts.
+    experts = config.get("num_experts_per_tok", 0) + config.get("num_shared_experts", 0)
+    active_mlp = experts * config.get("moe_intermediate_size", 0)
     return {
+        "active_mlp": active_mlp,
         "hidden": first("d_model", "hidden_size"),
         "heads": first("n_heads", "num_attention_heads"),
         "kv_heads": first("n_kv_heads", "num_key_value_heads", "n_heads", "num_attention_heads"),
@@ -62,7 +75,8 @@ def model_shape(config: dict) -> dict:
         # SDAR (Qwen3) sets head_dim: heads * head_dim need not equal hidden.
         "head_dim": config.get("head_dim") or first("d_model", "hidden_size")
         // first("n_heads", "num_attention_heads"),
-        "block_causal": bool(set(config.get("architectures", [])) & set(BLOCK_CAUSAL)),
+        "block_knobs": next((BLOCK_CAUSAL[a] for a in config.get("architectures", [])
+                             if a in BLOCK_CAUSAL), None),
         # Dream predicts position i from the output at i - 1 (models/dream.py).
         "logit_shift": int("DreamModel" in config.get("architectures", [])),
     }
@@ -109,7 +123,8 @@ def block_flops(s: dict, prompt: int, gen: int, block: int, k: int) -> float:
     of the committed block (no LM head)."""
     h, layers, qd = s["hidden"], s["layers"], s["heads"] * s["head_dim"]
     kv_dim = s["kv_heads"] * s["head_dim"]
-    per_token = 2 * layers * (2 * h * qd + 2 * h * kv_dim + 3 * h * s["mlp"])
+    mlp = s["active_mlp"] or s["mlp"]  # an MoE: the experts a token runs through
+    per_token = 2 * layers * (2 * h * qd + 2 * h * kv_dim + 3 * h * mlp)
     total = prompt * per_token + 4 * prompt * (prompt / 2) * qd * layers
     spb = block // k
     for start in range(prompt - prompt % block, prompt + gen, block):
@@ -127,6 +142,19 @@ def qwen3_twin(config: dict, path: str) -> str:
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(qwen3, f)
+    return path
+
+
+def bailing_twin(config: dict, path: str) -> str:
+    """vLLM's BailingMoeV2 (Ling 2.0, the AR model LLaDA2.0 is built from) with
+    LLaDA2's config: the same attention, experts, grouped sigmoid routing and
+    shared expert; causal attention and one token a step."""
+    twin = {k: v for k, v in config.items() if k not in ("mask_token_id", "auto_map")}
+    twin.update(architectures=["BailingMoeV2ForCausalLM"],
+                moe_shared_expert_intermediate_size=config["moe_intermediate_size"])
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(twin, f)
     return path
 
 
@@ -182,7 +210,7 @@ def run_engine(kind: str, model: str, args, shape: dict, out_path: str) -> None:
             extra = None
             if kind == "diffusion" and mode == "block":
                 extra = {"block_length": args.block, "denoising_steps_per_block": args.block // k,
-                         "algorithm": "low_confidence_static"}
+                         **shape["block_knobs"]}
             elif kind == "diffusion":
                 extra = {"block_length": args.block, "steps": canvas // k, "cache": mode}
             sp = SamplingParams(temperature=0, max_tokens=args.gen, ignore_eos=True,
@@ -319,12 +347,14 @@ def main() -> None:
     with open(os.path.join(args.model, "config.json")) as f:
         config = json.load(f)
     shape = model_shape(config)
-    if shape["block_causal"]:
+    if shape["block_knobs"]:
         args.modes = ["block"]
     engines = [] if args.no_diffusion else [("diffusion", args.model)]
     if not args.no_ar:
         twin_dir = tempfile.mkdtemp(prefix="ar-twin-")
-        engines.append(("ar", qwen3_twin(config, twin_dir) if shape["block_causal"]
+        twin = {"SDARForCausalLM": qwen3_twin, "LLaDA2MoeModelLM": bailing_twin}.get(
+            config["architectures"][0])
+        engines.append(("ar", twin(config, twin_dir) if twin
                         else llama_twin(shape, config, twin_dir)))
     ctx = mp.get_context("spawn")
     rows, failed = [], []
