@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoTokenizer, PretrainedConfig
+from vllm.config import get_current_vllm_config
 from vllm.forward_context import set_forward_context
 
 from vllm_omni.compat import fused_moe
@@ -111,7 +112,8 @@ class LLaDA2MoeConfig(PretrainedConfig):
 class LLaDA2MoE(nn.Module):
     """Routed experts (vLLM's fused MoE layer) plus the shared expert."""
 
-    def __init__(self, config: LLaDA2MoeConfig, shape: TransformerShape, prefix: str):
+    def __init__(self, config: LLaDA2MoeConfig, shape: TransformerShape, prefix: str,
+                 quant_config=None):
         super().__init__()
         experts, hidden = config.num_experts, config.hidden_size
         # The official router runs in float32 whatever the model's dtype.
@@ -132,13 +134,14 @@ class LLaDA2MoE(nn.Module):
             scoring_func="sigmoid",
             e_score_correction_bias=self.expert_bias,
             routed_scaling_factor=config.routed_scaling_factor,
+            quant_config=quant_config,
             prefix=f"{prefix}.experts",
         )
         self.shared_experts = None
         if config.num_shared_experts:
             shared = replace(shape, intermediate_size=config.moe_intermediate_size
                              * config.num_shared_experts)
-            self.shared_experts = SwiGLU(shared, f"{prefix}.shared_experts")
+            self.shared_experts = SwiGLU(shared, f"{prefix}.shared_experts", quant_config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         router_logits = F.linear(x.float(), self.gate_weight)
@@ -237,7 +240,8 @@ class LLaDA2MoeModelLM(DiffusionLM):
     def make_mlp(self, layer_idx: int, prefix: str) -> nn.Module | None:
         if not self.config.num_experts or layer_idx < self.config.first_k_dense_replace:
             return None  # dense: the stack's SwiGLU
-        return LLaDA2MoE(self.config, self.shape, prefix)
+        # vLLM's quantization (the experts' own method, e.g. fp8), as the stack's layers.
+        return LLaDA2MoE(self.config, self.shape, prefix, get_current_vllm_config().quant_config)
 
     @staticmethod
     def map_weight_name(name: str):

@@ -106,12 +106,14 @@ class DenoiseAttention(nn.Module):
             shape.num_heads,
             shape.num_kv_heads,
             bias=shape.qkv_bias,
+            quant_config=vllm_config.quant_config,
             prefix=f"{prefix}.qkv_proj",
         )
         self.o_proj = RowParallelLinear(
             shape.num_heads * self.head_dim,
             shape.hidden_size,
             bias=False,
+            quant_config=vllm_config.quant_config,
             prefix=f"{prefix}.o_proj",
         )
         self.q_norm = self.k_norm = None
@@ -169,18 +171,22 @@ class DenoiseAttention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, shape: TransformerShape, prefix: str):
+    def __init__(self, shape: TransformerShape, prefix: str, quant_config=None):
         super().__init__()
+        # quant_config: vLLM's (e.g. quantization="fp8": the weights quantized
+        # at load, activations per token); the LM head stays in the model dtype.
         self.gate_up_proj = MergedColumnParallelLinear(
             shape.hidden_size,
             [shape.intermediate_size] * 2,
             bias=False,
+            quant_config=quant_config,
             prefix=f"{prefix}.gate_up_proj",
         )
         self.down_proj = RowParallelLinear(
             shape.intermediate_size,
             shape.hidden_size,
             bias=False,
+            quant_config=quant_config,
             prefix=f"{prefix}.down_proj",
         )
         self.act_fn = SiluAndMul()
@@ -204,7 +210,8 @@ class DecoderLayer(nn.Module):
             shape.hidden_size, eps=shape.rms_norm_eps
         )
         # A family's own MLP for this layer (LLaDA2's mixture of experts), else SwiGLU.
-        self.mlp = mlp if mlp is not None else SwiGLU(shape, f"{prefix}.mlp")
+        self.mlp = mlp if mlp is not None else SwiGLU(shape, f"{prefix}.mlp",
+                                                      vllm_config.quant_config)
 
     def forward(self, positions, hidden_states, residual, plan):
         # Pre-norm residual blocks with each residual add fused into the next
