@@ -10,7 +10,10 @@ family with sub-blocks: the current sub-block's rows only, the "window";
 still masks, ``step`` counts the steps taken on this block, ``params`` is the
 request's ``DiffusionParams``. ``positions`` are indices into those rows with
 one token each, or a bool selection over them with ``tokens`` one per row
-(``apply_commit``).
+(``apply_commit``). An algorithm with ``counts_masks`` also gets
+``num_masked``, the number of masked positions counted on the host; one
+with a ``batch_key`` may get a batch of blocks, ``logits`` [n, block, vocab]
+and ``masked`` [n, block], with no generator (``diffusion/denoiser.py``).
 """
 
 from collections.abc import Callable
@@ -29,6 +32,10 @@ def always(params) -> bool:
     return True
 
 
+def no_batch(params) -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class Algorithm:
     name: str  # the value of the ``algorithm`` knob (public API)
@@ -41,13 +48,24 @@ class Algorithm:
     # Whether a block takes exactly ``steps_per_block`` steps whatever the
     # logits: the denoiser then needs no look at the device to know it is done.
     ends_on_schedule: Callable
+    # Whether a step must know on the host how many positions are masked
+    # (its random draws take that shape): the denoiser counts them for the
+    # whole batch in one look per step and passes ``num_masked``. Such a
+    # step draws and commits nothing once no position is masked, so the
+    # denoiser may end the block there.
+    counts_masks: Callable
+    # None, or what the step's commit depends on besides the logits (beyond
+    # the algorithm and step index): consecutive jobs with equal keys commit
+    # as one batch [n, block, vocab]. Only for steps without random draws.
+    batch_key: Callable
 
 
 ALGORITHMS: dict[str, Algorithm] = {}
 
 
 def register_algorithm(name: str, *, families: tuple[str, ...], knobs: tuple[str, ...] = (),
-                       draws_random: Callable = never, ends_on_schedule: Callable = never):
+                       draws_random: Callable = never, ends_on_schedule: Callable = never,
+                       counts_masks: Callable = never, batch_key: Callable = no_batch):
     """Decorator of a commit function: makes it the algorithm ``name`` of
     ``families``. Each knob it reads must be in the knob table
     (``diffusion/knobs.py``) and taken by each of those families."""
@@ -64,7 +82,7 @@ def register_algorithm(name: str, *, families: tuple[str, ...], knobs: tuple[str
                 raise ValueError(f"algorithm {name!r} reads {knob!r}, which families "
                                  f"{missing} do not take (its Knob.families)")
         ALGORITHMS[name] = Algorithm(name, commit, tuple(families), tuple(knobs),
-                                     draws_random, ends_on_schedule)
+                                     draws_random, ends_on_schedule, counts_masks, batch_key)
         return commit
 
     return decorator
