@@ -46,7 +46,8 @@ from dataclasses import asdict, dataclass
 import torch
 from vllm.distributed import get_tensor_model_parallel_world_size, get_tp_group
 
-from vllm_omni.diffusion.algorithms import ALGORITHMS, draws_random, ends_on_schedule
+from vllm_omni.diffusion.algorithms import (ALGORITHMS, apply_commit, counts_masks, draws_random,
+                                            ends_on_schedule)
 from vllm_omni.diffusion.cuda_graphs import Forwards
 from vllm_omni.diffusion.params import DiffusionParams
 from vllm_omni.models.attention_plan import AttentionPlan, KeyArena, SequencePlan
@@ -65,6 +66,9 @@ class BlockJob:
     step: int = 0  # denoising steps taken on this block
     pages: list[int] | None = None  # the request's KV-cache pages (prefix/dual caches)
     arena_start: int = 0  # its rows in the key arena (dual cache), set per group
+    # Masked positions left in the block, as last counted on the host (kept
+    # only for algorithms that ask for it, ``counts_masks``); None: not yet.
+    num_masked: int | None = None
 
     @property
     def block_end(self) -> int:
@@ -125,6 +129,12 @@ class StepStats:
     graph_host_s: float = 0.0
     graph_wall_s: float = 0.0
     capture_s: float = 0.0  # capturing graphs (inside the steps' times)
+    # Steps that waited for the device to count masked positions (one look
+    # for the whole batch each); 0 when every job ends on schedule and
+    # draws nothing whose shape depends on the count (Dream greedy).
+    looks: int = 0
+    # Commits of a block made inside a batch of blocks (``_step_batch``).
+    batched_commits: int = 0
     # CRC-32 of every block this rank decided, in order: under tensor
     # parallelism equal on every rank (tests/test_parallel.py).
     blocks_crc: int = 0
@@ -140,6 +150,11 @@ class StepStats:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+# A batch's commit allocates a few [rows, vocab] temporaries; this many rows
+# keep them near what one long block's commit took alone.
+MAX_BATCH_ROWS = 512
 
 
 class Denoiser:
@@ -167,6 +182,8 @@ class Denoiser:
         # (a block's later steps).
         self._plan: AttentionPlan | None = None
         self._plan_seqs: list[SequencePlan] | None = None
+        # A group's gathered block rows of each batch of commits (``_step_batch``).
+        self._batch_rows: dict[tuple[int, ...], torch.Tensor] = {}
 
     def make_job(
         self,
@@ -186,7 +203,9 @@ class Denoiser:
         block_start = len(prompt_ids) + len(output_ids)
         if params.cache != "none" and len(pages or ()) * self.page_size() < block_start:
             raise RuntimeError(f"request {req_id}: KV pages do not cover its {block_start} tokens")
-        return BlockJob(req_id, canvas, block_start, params, generator, pages=pages)
+        # The block starts all masks (the tokens before it are the request's).
+        return BlockJob(req_id, canvas, block_start, params, generator, pages=pages,
+                        num_masked=params.block_length)
 
     def page_size(self) -> int:
         """Rows per page of vLLM's KV cache (known once it is allocated)."""
@@ -252,27 +271,56 @@ class Denoiser:
         self.canvases[:offset].copy_(torch.cat([job.canvas for job in jobs]))
         for job in jobs:
             job.canvas = self.canvases[job.arena_start : job.arena_start + len(job.canvas)]
+        self._batch_rows = {}
         active = list(jobs)
+        self._count_masks([j for j in active if j.num_masked is None and _counted(j)])
         while active:
             start = time.perf_counter()
             logits, graphed = self._forward(active)
-            offset = 0
-            for job in active:
-                n = job.params.block_length
-                self._step(job, logits[offset : offset + n])
-                offset += n
+            self._commit(active, logits)
             if self.tp_size > 1 and any(_draws_global_rng(j) for j in active):
                 self._agree(active)
             issued = time.perf_counter()
-            if all(ends_on_schedule(j.params) for j in active):
-                # No look at the device: the host queues the next step while
-                # the GPU runs this one (the blocks' copy in ``run`` waits).
-                active = [j for j in active if j.step < j.params.steps_per_block]
-            else:
-                # One device sync for the whole batch, not one per request.
-                unfinished = torch.stack([(j.block == self.mask_token_id).any() for j in active])
-                active = [j for j, more in zip(active, unfinished.tolist()) if more]
+            # Jobs that end on schedule and draw nothing shaped by the count
+            # need no look: the host queues the next step while the GPU runs
+            # this one (the blocks' copy in ``run`` waits).
+            self._count_masks([j for j in active if _counted(j)])
+            active = [j for j in active if not _done(j)]
             self.stats.record(graphed, issued - start, time.perf_counter() - start)
+
+    def _count_masks(self, jobs: list[BlockJob]) -> None:
+        """The masked positions left in each job's block: one device sync for
+        the whole batch, not one per request."""
+        if not jobs:
+            return
+        counts = torch.stack([(j.block == self.mask_token_id).sum() for j in jobs]).tolist()
+        for job, count in zip(jobs, counts):
+            job.num_masked = count
+        self.stats.looks += 1
+
+    def _commit(self, jobs: list[BlockJob], logits: torch.Tensor) -> None:
+        """Every job's commit of this step. Consecutive jobs whose algorithm
+        gives equal batch keys at the same step commit as one batch (up to
+        ``MAX_BATCH_ROWS`` rows); the others one by one."""
+        runs, offset = [], 0  # (key, jobs, their first logits row)
+        for job in jobs:
+            key = ALGORITHMS[job.params.algorithm].batch_key(job.params)
+            if key is not None:
+                key = (job.params.algorithm, job.step, key)
+            last = runs[-1] if runs else None
+            if (key is not None and last is not None and last[0] == key
+                    and (len(last[1]) + 1) * job.params.block_length <= MAX_BATCH_ROWS):
+                last[1].append(job)
+            else:
+                runs.append((key, [job], offset))
+            offset += job.params.block_length
+        for _, run, first in runs:
+            n = run[0].params.block_length
+            rows = logits[first : first + len(run) * n]
+            if len(run) == 1:
+                self._step(run[0], rows)
+            else:
+                self._step_batch(run, rows.view(len(run), n, -1))
 
     def _forward(self, jobs: list[BlockJob]) -> tuple[torch.Tensor, bool]:
         """One forward over every job's planned positions, packed: logits
@@ -299,12 +347,49 @@ class Denoiser:
 
     def _step(self, job: BlockJob, logits: torch.Tensor) -> None:
         block = job.block
-        commit = ALGORITHMS[job.params.algorithm].commit
-        positions, tokens = commit(
-            logits, block == self.mask_token_id, job.step, job.params, job.generator
+        algorithm = ALGORITHMS[job.params.algorithm]
+        counted = {"num_masked": job.num_masked} if algorithm.counts_masks(job.params) else {}
+        positions, tokens = algorithm.commit(
+            logits, block == self.mask_token_id, job.step, job.params, job.generator, **counted
         )
-        block[positions] = tokens
+        apply_commit(block, positions, tokens)
         job.step += 1
+
+    def _step_batch(self, jobs: list[BlockJob], logits: torch.Tensor) -> None:
+        """One commit for the blocks of ``jobs`` (equal batch keys, no draws):
+        the blocks are gathered from the canvas rows as [n, block] and written
+        back with the commit's selection."""
+        key = tuple(j.arena_start + j.block_start for j in jobs)
+        rows = self._batch_rows.get(key)
+        if rows is None:  # built once per group layout
+            rows = (torch.tensor(key)[:, None] + torch.arange(jobs[0].params.block_length))
+            rows = rows.flatten()
+            if self.device.type == "cuda":  # pinned: the host need not wait for the GPU
+                rows = rows.pin_memory()
+            rows = self._batch_rows[key] = rows.to(self.device, non_blocking=True)
+        blocks = self.canvases[rows].view(len(jobs), -1)
+        job = jobs[0]
+        selection, tokens = ALGORITHMS[job.params.algorithm].commit(
+            logits, blocks == self.mask_token_id, job.step, job.params, None)
+        self.canvases.index_copy_(0, rows, torch.where(selection, tokens, blocks).flatten())
+        for job in jobs:
+            job.step += 1
+        self.stats.batched_commits += len(jobs)
+
+
+def _counted(job: BlockJob) -> bool:
+    """Whether the job's masked positions are counted after each step: its
+    algorithm asks for the count, or it may end before its schedule does."""
+    return counts_masks(job.params) or not ends_on_schedule(job.params)
+
+
+def _done(job: BlockJob) -> bool:
+    """A block is done after its schedule's steps, or, when counted, once no
+    position is masked (an algorithm that counts masks draws and commits
+    nothing then, so ending early changes nothing)."""
+    if ends_on_schedule(job.params) and job.step >= job.params.steps_per_block:
+        return True
+    return _counted(job) and job.num_masked == 0
 
 
 def _draws_global_rng(job: BlockJob) -> bool:

@@ -15,6 +15,7 @@ from vllm_omni.diffusion.algorithms.registry import (ALGORITHMS, Algorithm, Refi
                                                      register_algorithm)
 
 __all__ = ["ALGORITHMS", "Algorithm", "RefineState", "algorithms_for", "apply_commit",
+           "counts_masks",
            "draws_random", "ends_on_schedule", "register_algorithm"]
 
 for _module in pkgutil.iter_modules(__path__, f"{__name__}."):
@@ -31,3 +32,9 @@ def ends_on_schedule(params) -> bool:
     """Whether a block takes exactly ``steps_per_block`` steps, whatever the
     logits (so the denoiser needs no look at the device to know it is done)."""
     return ALGORITHMS[params.algorithm].ends_on_schedule(params)
+
+
+def counts_masks(params) -> bool:
+    """Whether a step must be told, on the host, how many positions of the
+    block are masked (its random draws take that shape)."""
+    return ALGORITHMS[params.algorithm].counts_masks(params)

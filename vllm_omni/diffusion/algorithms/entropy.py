@@ -3,13 +3,19 @@
 
 import torch
 
-from vllm_omni.diffusion.algorithms.dream import commit_ranked, positions_sampled, sample_tokens
-from vllm_omni.diffusion.algorithms.registry import register_algorithm
+from vllm_omni.diffusion.algorithms.dream import (commit_ranked, positions_sampled,
+                                                  ranked_batch_key, ranked_counts_masks)
+from vllm_omni.diffusion.algorithms.registry import always, register_algorithm
+
+
+def _negative_entropy(probs, chosen):
+    return (probs * torch.log(probs + 1e-10)).sum(dim=-1)
 
 
 @register_algorithm("entropy", families=("dream",),
-                    knobs=("eps", "top_k", "top_p", "alg_temp"), draws_random=positions_sampled)
-def entropy(logits, masked, step, params, generator):
-    probs, tokens, _ = sample_tokens(logits[masked], params, generator)
-    negative_entropy = (probs * torch.log(probs + 1e-10)).sum(dim=-1)
-    return commit_ranked(negative_entropy, masked, step, params, tokens, generator)
+                    knobs=("eps", "top_k", "top_p", "alg_temp"), draws_random=positions_sampled,
+                    ends_on_schedule=always, counts_masks=ranked_counts_masks,
+                    batch_key=ranked_batch_key)
+def entropy(logits, masked, step, params, generator, num_masked=None):
+    return commit_ranked(logits, masked, step, params, generator, num_masked,
+                         _negative_entropy)

@@ -10,7 +10,10 @@ family with sub-blocks: the current sub-block's rows only, the "window";
 still masks, ``step`` counts the steps taken on this block, ``params`` is the
 request's ``DiffusionParams``. ``positions`` are indices into those rows with
 one token each, or a bool selection over them with ``tokens`` one per row
-(``apply_commit``).
+(``apply_commit``). An algorithm with ``counts_masks`` also gets
+``num_masked``, the number of masked positions counted on the host; one
+with a ``batch_key`` may get a batch of blocks, ``logits`` [n, block, vocab]
+and ``masked`` [n, block], with no generator (``diffusion/denoiser.py``).
 
 A block-causal family's commit (SDAR, Fast-dLLM v2) is batched: ``logits``
 [n, W, vocab] and ``masked`` [n, W] hold n blocks' windows that share the
@@ -45,6 +48,10 @@ def one_step(params, num_masked: int) -> int:
     return 1
 
 
+def no_batch(params) -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class Algorithm:
     name: str  # the value of the ``algorithm`` knob (public API)
@@ -61,6 +68,16 @@ class Algorithm:
     # a block with that many masks cannot be finished, so the denoiser skips
     # its look at the device until then (default: look after every step).
     min_steps: Callable
+    # Whether a step must know on the host how many positions are masked
+    # (its random draws take that shape): the denoiser counts them for the
+    # whole batch in one look per step and passes ``num_masked``. Such a
+    # step draws and commits nothing once no position is masked, so the
+    # denoiser may end the block there.
+    counts_masks: Callable
+    # None, or what the step's commit depends on besides the logits (beyond
+    # the algorithm and step index): consecutive jobs with equal keys commit
+    # as one batch [n, block, vocab]. Only for steps without random draws.
+    batch_key: Callable
     # Whether it may change decided tokens, so that it decides when a block is
     # done (block-causal families; module docstring).
     refines: bool = False
@@ -89,7 +106,8 @@ ALGORITHMS: dict[str, Algorithm] = {}
 
 def register_algorithm(name: str, *, families: tuple[str, ...], knobs: tuple[str, ...] = (),
                        draws_random: Callable = never, ends_on_schedule: Callable = never,
-                       min_steps: Callable = one_step, refines: bool = False):
+                       min_steps: Callable = one_step, counts_masks: Callable = never,
+                       batch_key: Callable = no_batch, refines: bool = False):
     """Decorator of a commit function: makes it the algorithm ``name`` of
     ``families``. Each knob it reads must be in the knob table
     (``diffusion/knobs.py``) and taken by each of those families."""
@@ -106,7 +124,8 @@ def register_algorithm(name: str, *, families: tuple[str, ...], knobs: tuple[str
                 raise ValueError(f"algorithm {name!r} reads {knob!r}, which families "
                                  f"{missing} do not take (its Knob.families)")
         ALGORITHMS[name] = Algorithm(name, commit, tuple(families), tuple(knobs),
-                                     draws_random, ends_on_schedule, min_steps, refines)
+                                     draws_random, ends_on_schedule, min_steps, counts_masks,
+                                     batch_key, refines)
         return commit
 
     return decorator
