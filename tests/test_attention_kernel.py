@@ -14,6 +14,10 @@ paged KV cache (vLLM's layout, ``[pages, kv_heads, page_size, 2 * head_dim]``,
 optionally a strided view of a page-major buffer as on the GPU), on pages in
 shuffled order, every slot no sequence owns NaN-poisoned.
 
+Cases with ``splits`` split each tile's keys into that many chunks (default:
+the kernel's own choice, ``splits_of``), merged by ``triton_split``'s kernel;
+``expect_splits`` checks the choice.
+
 Cases with ``kv_lens`` give keys their own layout (``kv_batch``), as in the
 KV-cached denoising modes: q rows packed by ``lens``, k/v rows of sequence i
 ``kv_lens[i]`` long, packed in order or (``kv_shuffled``) in reverse order
@@ -39,7 +43,8 @@ import pytest
 import torch
 
 from vllm_omni.kernels.paged_kv import PagedPrefix, page_rows_of, slots_of, write_pages
-from vllm_omni.kernels.reference import SequenceBatch, bidirectional_attention_reference
+from vllm_omni.kernels.reference import (
+    SequenceBatch, bidirectional_attention_reference, long_tiles)
 
 ON_CUDA = torch.cuda.is_available()
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -48,7 +53,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def _case(name, lens, heads, kv_heads, head_dim, dtype, packed=False,
           kv_lens=None, kv_shuffled=False, explicit_kv=False,
-          prefix_lens=None, page_size=16, token_major_pages=False):
+          prefix_lens=None, page_size=16, token_major_pages=False, splits=None,
+          expect_splits=None):
     """packed: q, k, v are strided views (of one qkv tensor when kv_lens is
     None, else q of a wider tensor and k, v of one kv tensor). explicit_kv:
     also check that kv_batch=batch gives the kv_batch=None output bit for bit.
@@ -60,7 +66,7 @@ def _case(name, lens, heads, kv_heads, head_dim, dtype, packed=False,
                 head_dim=head_dim, dtype=dtype, packed=packed, kv_lens=kv_lens,
                 kv_shuffled=kv_shuffled, explicit_kv=explicit_kv,
                 prefix_lens=prefix_lens, page_size=page_size,
-                token_major_pages=token_major_pages)
+                token_major_pages=token_major_pages, splits=splits, expect_splits=expect_splits)
 
 
 # Small enough for the interpreter (the whole file takes seconds on CPU).
@@ -97,8 +103,27 @@ SMALL = [
           kv_lens=[32, 300], prefix_lens=[128, 95], page_size=32, token_major_pages=True),
     _case("paged-1-token-fp32-d128", [1], 2, 2, 128, "fp32",
           kv_lens=[1], prefix_lens=[383], token_major_pages=True),
-    # Long on average (LONG_CONFIGS; fp16: the interpreter's dots are exact).
-    _case("long-fp16-d64", [1100, 1030], 1, 1, 64, "fp16", packed=True),
+    # Long on average (LONG_CONFIGS; fp16: the interpreter's dots are exact);
+    # unsplit (its 17 programs would split).
+    _case("long-fp16-d64", [1100, 1030], 1, 1, 64, "fp16", packed=True, splits=1),
+    # Split keys. The chunks (key blocks of BLOCK_N, prefix first) are noted:
+    # splits past the last block have no keys.
+    _case("split-paged-only-fp32-d64", [32], 2, 2, 64, "fp32", kv_lens=[0],
+          kv_shuffled=True, prefix_lens=[300], splits=4),  # 2,2,1,0 prefix blocks
+    _case("split-local-only-gqa4-fp32-d64", [32], 4, 1, 64, "fp32", True, kv_lens=[200],
+          kv_shuffled=True, splits=3),  # packed, 8 tiles; 3,3,1 local blocks
+    # Sequence 0: the prefix block and local block 0, then local block 1 and the tail.
+    _case("split-both-gqa2-bf16-d128", [32, 5], 4, 2, 128, "bf16", True, kv_lens=[150, 3],
+          prefix_lens=[50, 64], token_major_pages=True, splits=2),
+    _case("split-gqa3-unpacked-fp32-d128", [7], 6, 2, 128, "fp32", kv_lens=[33],
+          prefix_lens=[70], splits=8),  # 5 blocks: 1 each, 3 empty splits
+    _case("split-1-token-fp32-d128", [1], 2, 2, 128, "fp32", kv_lens=[1], prefix_lens=[383],
+          token_major_pages=True, splits=4),
+    _case("split-short-seqs-fp32-d64", [5, 0, 1], 2, 2, 64, "fp32", kv_lens=[3, 0, 1],
+          kv_shuffled=True, prefix_lens=[10, 0, 0], splits=4),  # 2 and 1 blocks
+    _case("split-self-keys-gqa2-fp32-d64", [70, 1], 4, 2, 64, "fp32", True, splits=2),
+    _case("split-auto-fp32-d64", [4], 2, 2, 64, "fp32", kv_lens=[8], prefix_lens=[600],
+          expect_splits=2),  # 2 programs, 608 keys
 ]
 LARGE = [
     _case("gpu-8x300-600-bf16-d128", [300, 412, 517, 600, 333, 450, 599, 301], 32, 32, 128, "bf16"),
@@ -120,6 +145,15 @@ LARGE = [
     # Image joint attention (long sequences: LONG_CONFIGS), Qwen-Image's heads.
     _case("gpu-long-joint-bf16-d128", [4224, 4224, 1100], 24, 24, 128, "bf16", True),
     _case("gpu-long-joint-fp16-d64", [2000, 1031], 8, 8, 64, "fp16"),
+    # Batch 1 block steps of LLaDA-8B's shape over a long prefix: split (the
+    # count hangs on the SM count, except where the keys bound it).
+    _case("gpu-split-block-bf16-d128", [32], 32, 32, 128, "bf16", True, kv_lens=[512],
+          prefix_lens=[3072], page_size=16, token_major_pages=True),
+    _case("gpu-split-block-fp32-d128", [32], 32, 32, 128, "fp32", True, kv_lens=[32],
+          prefix_lens=[1500], expect_splits=4),
+    _case("gpu-split-sdar-gqa4-bf16-d128", [4, 4, 4], 32, 8, 128, "bf16", True,
+          kv_lens=[4, 4, 4], prefix_lens=[4000, 700, 1], token_major_pages=True,
+          expect_splits=8),
 ]
 CASES = SMALL + (LARGE if ON_CUDA else [])
 
@@ -206,7 +240,9 @@ def _inputs(case, device):
 
 
 def run_case(case, device):
-    from vllm_omni.kernels.triton_attention import bidirectional_attention_triton
+    from vllm_omni.kernels.triton_attention import (
+        _kv_tile_table, _tile_table, block_m_of, bidirectional_attention_triton, splits_of)
+    from vllm_omni.kernels.triton_split import max_keys
 
     q, k, v = _inputs(case, device)
     batch, kv_batch = _batches(case)
@@ -217,8 +253,18 @@ def run_case(case, device):
     # unwritten rows and writes outside the window are both caught.
     buf = torch.full((tokens + 2, h, d + 16), float("nan"), dtype=q.dtype, device=device)
     out = buf[1 : tokens + 1, :, :d]
-    ret = bidirectional_attention_triton(q, k, v, batch, scale, kv_batch, out=out, prefix=prefix)
+    ret = bidirectional_attention_triton(q, k, v, batch, scale, kv_batch, out=out, prefix=prefix,
+                                         splits=case["splits"])
     assert ret.data_ptr() == out.data_ptr()
+    splits = case["splits"]
+    if splits is None:  # what the launch chose
+        long = kv_batch is None and long_tiles(tokens, len(batch.lens))
+        block_m = block_m_of(d, q.dtype, long, h // k.shape[1])
+        lens = prefix.lens if prefix else None
+        tiles = (_tile_table(batch, block_m, q.device) if kv_batch is None else
+                 _kv_tile_table(batch, kv_batch, lens, block_m, q.device)[0])
+        splits = splits_of(len(tiles), h, k.shape[1], max_keys(batch, kv_batch, lens), q.device,
+                           long)
     written = torch.zeros(buf.shape, dtype=torch.bool, device=device)
     written[1 : tokens + 1, :, :d] = True
     # Sequences of length 0 own no rows; every row here belongs to one.
@@ -231,6 +277,7 @@ def run_case(case, device):
         all_finite=bool(torch.isfinite(out).all()),
         outside_untouched=bool(buf[~written].isnan().all()),
         dtype_ok=out.dtype == q.dtype,
+        splits=splits,
     )
     if case["explicit_kv"]:  # the kv-table kernel variant, given q's own layout
         explicit = bidirectional_attention_triton(q, k, v, batch, scale, batch)
@@ -244,6 +291,8 @@ def _check(case, res):
     assert res["dtype_ok"], "output dtype differs from q"
     assert res["rel_err"] < TOL[DTYPES[case["dtype"]]], res
     assert res.get("explicit_kv_equal", True), "kv_batch=batch differs from kv_batch=None"
+    if case["expect_splits"] is not None:
+        assert res["splits"] == case["expect_splits"], res
 
 
 @pytest.fixture(scope="module")
@@ -425,24 +474,36 @@ def test_reference_paged_prefix_equals_contiguous_keys():
     torch.testing.assert_close(got, want)
 
 
-def _prebuilt_tiles(device):
+# (case, key splits) of the prebuilt-tiles checks: unsplit, then split
+# (GQA-packed and not).
+PREBUILT = {"prebuilt-tiles": ("paged-3seq-fp32-d64", 1),
+            "prebuilt-tiles-split": ("split-gqa3-unpacked-fp32-d128", 8),
+            "prebuilt-tiles-split-packed": ("split-both-gqa2-bf16-d128", 2)}
+
+
+def _prebuilt_tiles(device, name):
     """A CUDA graph's launch: tile rows built ahead (``tile_rows``) plus
-    no-query padding rows, through ``paged_attention_with_tiles``; returns the
-    largest difference from the ordinary launch on the real rows."""
+    no-query padding rows, through ``paged_attention_with_tiles`` with the
+    given key splits; returns the largest difference from the ordinary launch
+    with the same splits on the real rows."""
     from vllm_omni.kernels.triton_attention import (
         bidirectional_attention_triton, block_m_of, paged_attention_with_tiles)
     from vllm_omni.kernels.reference import tile_rows
 
-    case = next(c for c in SMALL if c["name"] == "paged-3seq-fp32-d64")
+    case_name, splits = PREBUILT[name]
+    case = next(c for c in SMALL if c["name"] == case_name)
     q, k, v = _inputs(case, device)
     batch, kv_batch = _batches(case)
     prefix = _prefix(case, device)
-    want = bidirectional_attention_triton(q, k, v, batch, 0.125, kv_batch, prefix=prefix)
+    want = bidirectional_attention_triton(q, k, v, batch, 0.125, kv_batch, prefix=prefix,
+                                          splits=splits)
     group = q.shape[1] // k.shape[1]
     rows = tile_rows(batch, kv_batch, prefix.lens, block_m_of(q.shape[2], q.dtype, group=group))
     tiles = torch.tensor(rows + [(0,) * 7] * 3, dtype=torch.int32, device=device)
-    got = paged_attention_with_tiles(q, k, v, tiles, 0.125, prefix.kv_cache, prefix.block_table)
-    return (got - want).abs().max().item()
+    got = paged_attention_with_tiles(q, k, v, tiles, 0.125, prefix.kv_cache, prefix.block_table,
+                                     splits=splits)
+    real = torch.cat([torch.arange(s, s + n) for s, n in zip(batch.starts, batch.lens)])
+    return (got[real] - want[real]).abs().max().item()
 
 
 def test_tiles_reference_matches_reference_with_padding():
@@ -464,14 +525,96 @@ def test_tiles_reference_matches_reference_with_padding():
         torch.testing.assert_close(got[start : start + n], want[start : start + n])
 
 
+def test_graph_shape_carries_key_splits():
+    """A CUDA graph decides its key splits from its padded tile count and the
+    plan's most keys (of sequences with queries), and its static inputs hand
+    them to the kernel; the eager plan takes them as given."""
+    from vllm_omni.diffusion.cuda_graphs import GraphShape, StaticInputs
+    from vllm_omni.models.attention_plan import AttentionPlan, SequencePlan
+
+    pages = list(range(1, 41))  # 640 positions of 16
+    seqs = [SequencePlan(640, 600, 632, pages=pages, write=(600, 632)),  # 600 paged + 32 keys
+            SequencePlan(640, 100, 110, pages=pages),  # 110 keys
+            SequencePlan(640, 640, 640, pages=pages)]  # no queries, 640 keys
+    plan = AttentionPlan(seqs, 16, torch.device("cpu"))
+    assert plan.max_keys == 632
+    calls = []
+    shape = GraphShape.of(plan, 16, splits=lambda *a: calls.append(a) or 4)
+    assert calls == [(4, 632, False)] and shape.splits == 4  # 3 tiles, padded to 4
+    assert GraphShape.of(plan, 16).splits == 1
+    inputs = StaticInputs(8, 2, 64, 0, 16, torch.device("cpu"))
+    assert inputs.tensors(shape, None).splits == 4
+    assert plan.tensors(16, 2).splits == 2 and plan.tensors(16).splits == 1
+
+
 @pytest.mark.skipif(not ON_CUDA, reason="checked interpreted otherwise")
-def test_prebuilt_tiles_with_padding_match_cuda():
-    assert _prebuilt_tiles("cuda") == 0.0
+@pytest.mark.parametrize("name", PREBUILT)
+def test_prebuilt_tiles_with_padding_match_cuda(name):
+    assert _prebuilt_tiles("cuda", name) == 0.0
 
 
 @pytest.mark.skipif(ON_CUDA, reason="checked natively")
-def test_prebuilt_tiles_with_padding_match_interpreted(request):
-    assert request.getfixturevalue("interpreted")["prebuilt-tiles"] == 0.0
+@pytest.mark.parametrize("name", PREBUILT)
+def test_prebuilt_tiles_with_padding_match_interpreted(request, name):
+    assert request.getfixturevalue("interpreted")[name] == 0.0
+
+
+def test_split_count():
+    """Few programs split, more the more keys allow; many programs or short
+    keys keep the unsplit kernel."""
+    from vllm_omni.kernels.triton_split import split_count
+
+    assert split_count(1, 32, 3584, sms=132) == 8  # LLaDA-8B, batch 1: 256 programs
+    assert split_count(1, 32, 3584, sms=114) == 4
+    assert split_count(2, 32, 3584, sms=132) == 4
+    assert split_count(1, 32, 600, sms=132) == 2  # the keys bound it
+    assert split_count(1, 32, 511, sms=132) == 1
+    assert split_count(1, 8, 100_000, sms=132) == 16  # at most MAX_SPLITS
+    assert split_count(9, 32, 100_000, sms=132) == 1  # 288 programs: enough
+    assert split_count(0, 32, 0, sms=132) == 1
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="checked interpreted otherwise")
+def test_merge_matches_reference_cuda():
+    err, untouched = _merge("cuda")
+    assert err < 1e-5 and untouched
+
+
+@pytest.mark.skipif(ON_CUDA, reason="checked natively")
+def test_merge_matches_reference_interpreted(request):
+    err, untouched = request.getfixturevalue("interpreted")["merge"]
+    assert err < 1e-5 and untouched
+
+
+def _merge(device):
+    """The merge kernel on random partials (split 2 of every row empty: m =
+    -inf, l = 0), two sequences' tiles into a NaN-poisoned output; returns
+    (largest relative difference from ``merge_splits_reference`` on the
+    tiles' rows, whether every other row is still NaN)."""
+    from vllm_omni.kernels.reference import merge_splits_reference
+    from vllm_omni.kernels.triton_split import merge_splits, partials
+
+    gen = torch.Generator().manual_seed(5)
+    splits, heads, block_m, d = 3, 2, 16, 32
+    tiles = torch.tensor([(1, 20, 0), (1, 20, 16), (30, 3, 0)], dtype=torch.int32)
+    ml, acc = partials(splits, len(tiles), heads, block_m, d, torch.device("cpu"))
+    ml[0] = torch.randn(ml[0].shape, generator=gen) * 4
+    ml[1] = torch.rand(ml[1].shape, generator=gen) * 30 + 1
+    acc.copy_(torch.randn(acc.shape, generator=gen) * 30)
+    ml[0, 2], ml[1, 2], acc[2] = float("-inf"), 0.0, 0.0
+    want = merge_splits_reference(ml[0], ml[1], acc)  # [tiles, heads, block_m, d]
+    out = torch.full((40, heads, d), float("nan"), device=device)
+    merge_splits(out, tiles.to(device), ml.to(device), acc.to(device), 1, False, 3)
+    out = out.cpu()
+    written = torch.zeros(40, dtype=torch.bool)
+    err = 0.0
+    for t, (start, n, off) in enumerate(tiles.tolist()):
+        rows = min(block_m, n - off)
+        got = out[start + off : start + off + rows].transpose(0, 1)  # [heads, rows, d]
+        err = max(err, ((got - want[t, :, :rows]).abs().max() / want.abs().max()).item())
+        written[start + off : start + off + rows] = True
+    return err, bool(out[~written].isnan().all())
+
 
 
 def _patch_interpreter_bf16():
@@ -512,5 +655,7 @@ if __name__ == "__main__" and sys.argv[1:] == ["--interpret"]:
         except Exception as e:  # reported per case by the parent
             results[c["name"]] = {"error": f"{type(e).__name__}: {e}"}
     results["kv-validation"] = _kernel_validation("cpu")
-    results["prebuilt-tiles"] = _prebuilt_tiles("cpu")
+    for name in PREBUILT:
+        results[name] = _prebuilt_tiles("cpu", name)
+    results["merge"] = _merge("cpu")
     print(json.dumps(results))

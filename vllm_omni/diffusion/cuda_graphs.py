@@ -21,10 +21,11 @@ steps). Inside the graph:
   work depends on the data.
 A graph serves every plan of its ``GraphShape``: query tokens, logits rows
 and tiles rounded up to buckets, whether it writes pages, uses the key arena
-or the long-sequence tiles. Padding: token rows gather the token buffer's
-spare row (and write their keys to the arena's spare row); tile rows have no
-queries; logits rows read row 0; page writes go to page 0, vLLM's null
-block, which no request reads.
+or the long-sequence tiles, and the attention's key splits per tile
+(``kernels.tile_splits`` of the padded tile count and the plan's most keys).
+Padding: token rows gather the token buffer's spare row (and write their
+keys to the arena's spare row); tile rows have no queries; logits rows read
+row 0; page writes go to page 0, vLLM's null block, which no request reads.
 
 Graphs are captured lazily, the first time a shape is needed, all in one
 memory pool (they never run concurrently); the logits land in a buffer
@@ -50,7 +51,7 @@ import numpy as np
 import torch
 from vllm.distributed.parallel_state import graph_capture
 
-from vllm_omni.kernels import tile_block_m
+from vllm_omni.kernels import tile_block_m, tile_splits
 from vllm_omni.models.attention_plan import AttentionPlan, KeyArena, PlanTensors
 
 MAX_GRAPH_TOKENS = 2048
@@ -84,14 +85,17 @@ class GraphShape:
     writes: bool  # writes pages (as many rows as tokens, padding to page 0)
     arena: bool
     long: bool
+    splits: int = 1
 
     @staticmethod
-    def of(plan: AttentionPlan, block_m: int, bucket=token_bucket) -> "GraphShape":
-        tiles = len(plan.tiles(block_m))
+    def of(plan: AttentionPlan, block_m: int, bucket=token_bucket,
+           splits=None) -> "GraphShape":
+        """``splits``: (tiles, max keys, long) -> key splits per tile (None: 1)."""
+        tiles = 1 << max(len(plan.tiles(block_m)) - 1, 0).bit_length()
         return GraphShape(bucket(plan.num_tokens),
                           bucket(plan.num_logits) if plan.num_logits else 0,
-                          1 << max(tiles - 1, 0).bit_length(), plan.num_writes > 0,
-                          plan.arena is not None, plan.long)
+                          tiles, plan.num_writes > 0, plan.arena is not None, plan.long,
+                          splits(tiles, plan.max_keys, plan.long) if splits else 1)
 
     def sections(self) -> list[int]:
         """As ``AttentionPlan.sections``."""
@@ -124,7 +128,7 @@ class StaticInputs:
         sections = shape.sections()
         parts = self.i64[: sum(sections)].split(sections)
         tiles = self.i32[: 7 * shape.tiles].view(shape.tiles, 7)
-        return PlanTensors(*parts, tiles, self.block_table, arena, shape.long)
+        return PlanTensors(*parts, tiles, self.block_table, arena, shape.long, shape.splits)
 
     def load(self, plan: AttentionPlan, shape: GraphShape, block_m: int) -> None:
         """Copy the plan in, padded to the shape, unless it is there already."""
@@ -183,9 +187,10 @@ class StepGraphs:
 
     def __init__(self, model, tokens: torch.Tensor, spare_row: int, max_pages: int,
                  table_rows: int, block_m: int, device: torch.device, capture: bool = True,
-                 bucket=token_bucket):
+                 bucket=token_bucket, splits=None):
         self.model = model
         self.bucket = bucket  # of query tokens and logits rows
+        self.splits = splits  # ``GraphShape.of``'s
         self.tokens = tokens  # the denoiser's token buffer; row spare_row is padding's
         self.device = device
         self.capture = capture
@@ -199,7 +204,7 @@ class StepGraphs:
 
     def run(self, plan: AttentionPlan, block_m: int) -> torch.Tensor | None:
         """The plan's logits rows, through the graph of its shape."""
-        shape = GraphShape.of(plan, block_m, self.bucket)
+        shape = GraphShape.of(plan, block_m, self.bucket, self.splits)
         self.inputs.load(plan, shape, block_m)
         step = self.steps.get(shape)
         if step is None:
@@ -256,6 +261,7 @@ class Forwards:
         self.capture = True
         self.graphs: StepGraphs | None = None  # built on first need
         self._block_m: dict[bool, int] = {}  # queries per tile, by ``long``
+        self._heads: tuple[int, int] | None = None  # (query heads, KV heads) per rank
 
     def set_graphs(self, enabled: bool, capture: bool = True) -> None:
         """``capture=False``: the graphs' static forward runs uncaptured (how
@@ -276,7 +282,8 @@ class Forwards:
             logits = graphs.run(plan, block_m)
             stats.capture_s += graphs.capture_s - captured
             return logits, True
-        return forward(self.model, plan.tensors(block_m), tokens), False
+        splits = self.splits(len(plan.tiles(block_m)), plan.max_keys, plan.long)
+        return forward(self.model, plan.tensors(block_m, splits), tokens), False
 
     def block_m(self, long: bool) -> int:
         if long not in self._block_m:
@@ -285,10 +292,17 @@ class Forwards:
                                                kv.group)
         return self._block_m[long]
 
+    def splits(self, num_tiles: int, max_keys: int, long: bool) -> int:
+        """Key splits per tile of the attention's launches (``kernels.tile_splits``)."""
+        if self._heads is None:
+            kv = self.model.kv_layout()
+            self._heads = (kv.num_kv_heads * kv.group, kv.num_kv_heads)
+        return tile_splits(num_tiles, max_keys, *self._heads, self.device, long)
+
     def _graphs(self, tokens: torch.Tensor, spare_row: int) -> StepGraphs:
         if self.graphs is None or self.graphs.tokens is not tokens:
             max_pages = -(-self.max_model_len // self.model.kv_cache_page_size()) + 1
             self.graphs = StepGraphs(self.model, tokens, spare_row, max_pages,
                                      self.max_requests, self.block_m(False), self.device,
-                                     self.capture, self.bucket)
+                                     self.capture, self.bucket, self.splits)
         return self.graphs

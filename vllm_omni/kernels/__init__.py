@@ -20,7 +20,7 @@ from vllm_omni.kernels.reference import (
 )
 
 __all__ = ["SequenceBatch", "attention_with_tiles", "bidirectional_attention", "long_tiles",
-           "tile_block_m"]
+           "tile_block_m", "tile_splits"]
 
 
 def bidirectional_attention(q, k, v, batch: SequenceBatch, scale: float,
@@ -34,15 +34,16 @@ def bidirectional_attention(q, k, v, batch: SequenceBatch, scale: float,
 
 
 def attention_with_tiles(q, k, v, tiles, scale: float, kv_cache, block_table,
-                         long: bool = False):
+                         long: bool = False, splits: int = 1):
     """The paged variant on a prebuilt 7-column tile table (``tile_rows`` with
     ``tile_block_m(..., long)`` queries per tile; rows with no queries are
     padding): no host-side work that depends on the data on CUDA, what a CUDA
-    graph captures."""
+    graph captures. ``splits``: key splits per tile (``tile_splits``)."""
     if q.is_cuda:
         from vllm_omni.kernels.triton_attention import paged_attention_with_tiles
 
-        return paged_attention_with_tiles(q, k, v, tiles, scale, kv_cache, block_table, long)
+        return paged_attention_with_tiles(q, k, v, tiles, scale, kv_cache, block_table, long,
+                                          splits)
     return attention_with_tiles_reference(q, k, v, tiles, scale, kv_cache, block_table)
 
 
@@ -55,3 +56,15 @@ def tile_block_m(head_dim: int, dtype, device, long: bool = False, group: int = 
     from vllm_omni.kernels.triton_attention import block_m_of
 
     return block_m_of(head_dim, dtype, long, group)
+
+
+def tile_splits(num_tiles: int, max_keys: int, num_heads: int, num_kv_heads: int, device,
+                long: bool = False) -> int:
+    """Key splits per tile for a launch on a prebuilt table of ``num_tiles``
+    rows whose sequences have at most ``max_keys`` keys (1 off CUDA: the
+    reference does not split); ``triton_attention.py``'s docstring, Split keys."""
+    if device.type != "cuda":
+        return 1
+    from vllm_omni.kernels.triton_attention import splits_of
+
+    return splits_of(num_tiles, num_heads, num_kv_heads, max_keys, device, long)

@@ -97,6 +97,15 @@ def bidirectional_attention_reference(
     return out
 
 
+def merge_splits_reference(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
+    """What the split-key kernel's merge (``triton_split.py``) computes from S
+    splits' partial results over the same rows: base-2 row maxima ``m`` and
+    row sums ``l`` ([S, ..., rows]), unnormalised accumulators ``acc`` ([S,
+    ..., rows, head_dim]); a split with no keys has m = -inf, l = 0."""
+    weight = torch.exp2(m - m.amax(0))  # [S, ..., rows]
+    return (weight[..., None] * acc).sum(0) / (weight * l).sum(0)[..., None]
+
+
 def attention_with_tiles_reference(q, k, v, tiles, scale, kv_cache, block_table) -> torch.Tensor:
     """What ``paged_attention_with_tiles`` computes, from the same 7-column
     tile table (``tile_rows`` with prefix lengths; rows with no queries are

@@ -50,6 +50,24 @@ the prefix length and the sequence's block-table row; a program first walks
 the prefix in BLOCK_N-position blocks (positions may straddle pages: each
 position's page is looked up on its own), then its local keys, one online
 softmax over both. Compiled in only when given (PAGED).
+
+Split keys. A launch of few programs (tiles times programs per tile, below
+two per SM: a batch-1 block step is 32 of them on 132 SMs) would walk each
+tile's keys serially, thousands of them under a long prefix, latency-bound.
+Then each tile's key blocks (its prefix blocks, then its local blocks) are
+cut into S contiguous chunks of ceil(blocks / S) blocks, one per program on
+a third grid axis (SPLIT): a program runs the same online softmax over its
+chunk only (a chunk past the last block has no keys) and stores its partial
+(base-2 row max m, row sum l, unnormalised fp32 accumulator) in scratch; a
+second kernel (``triton_split.py``) merges a tile's S partials, out =
+sum_i 2^(m_i - M) acc_i / sum_i 2^(m_i - M) l_i with M = max_i m_i, and
+stores the real rows. S (``splits_of``, a power of two up to 16) is the
+largest that keeps the launch within two programs per SM and every chunk at
+256 keys or more, from the launch's tile count, programs per tile and most
+keys of a sequence: pure host arithmetic, so a CUDA graph decides it when it
+builds its shape (``kernels.tile_splits``), and the scratch is allocated
+inside the capture, from the graph's pool. S = 1 runs the unsplit kernel,
+compiled as it was before splits existed.
 """
 
 from functools import lru_cache
@@ -60,6 +78,8 @@ import triton.language as tl
 
 from vllm_omni.kernels.paged_kv import PagedPrefix, check_kv_cache
 from vllm_omni.kernels.reference import SequenceBatch, check_kv_batch, long_tiles, tile_rows
+from vllm_omni.kernels.triton_split import (
+    max_keys, merge_splits, partials, sm_count, split_count)
 
 
 @triton.jit
@@ -78,8 +98,9 @@ def _online_softmax_step(q, k, v, n_mask, m_i, l_i, acc, qk_scale, IEEE: tl.cons
     s = _dot(q, k, None, IEEE) * qk_scale
     if MASKED:
         s = tl.where(n_mask[None, :], s, float("-inf"))
-    # Every sequence's first block holds a real key (a tile exists only
-    # where there are keys), so m_new is finite from the first block on.
+    # A program's first block (of its sequence, or of its key split) holds a
+    # real key (a tile exists only where there are keys, a split's blocks
+    # are the sequence's), so m_new is finite from the first block on.
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
@@ -92,11 +113,11 @@ def _online_softmax_step(q, k, v, n_mask, m_i, l_i, acc, qk_scale, IEEE: tl.cons
 def _bidir_attn_kernel(
     Q, K, V, O, Tiles, scale,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh,
-    KVC, BlockTable, s_cp, s_ch, s_ct, s_bt,
+    KVC, BlockTable, s_cp, s_ch, s_ct, s_bt, PartML, PartAcc,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
     SEP_KV: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    PACK: tl.constexpr,
+    PACK: tl.constexpr, SPLIT: tl.constexpr,
 ):
     # Programs of one tile are adjacent (the head varies fastest): the query
     # heads of a KV head read its keys while they are in L2.
@@ -138,11 +159,33 @@ def _bidir_attn_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    if PAGED:  # first the sequence's paged prefix: position p at page table[p // PAGE_SIZE]
+    prefix_len = 0
+    if PAGED:
         prefix_len = tl.load(row + 5)
+    # Whole blocks of local keys load and score without masks; the tail
+    # block (if any) after them. Same order of blocks as one masked loop:
+    # same sums.
+    full = kv_len - kv_len % BLOCK_N
+    # This program's keys: prefix positions [p_lo, p_hi), whole local blocks
+    # from row n_lo to n_end, the tail block if ``tail``. Unsplit: all.
+    p_lo, p_hi, n_lo, n_end, tail = 0, prefix_len, 0, full, full < kv_len
+    if SPLIT:  # key blocks [lo, hi) of the prefix's blocks then the local ones
+        prefix_blocks = (prefix_len + BLOCK_N - 1) // BLOCK_N
+        blocks = prefix_blocks + (kv_len + BLOCK_N - 1) // BLOCK_N
+        chunk = (blocks + tl.num_programs(2) - 1) // tl.num_programs(2)
+        lo = tl.program_id(2) * chunk
+        hi = tl.minimum(lo + chunk, blocks)
+        p_lo, p_hi = lo * BLOCK_N, tl.minimum(hi * BLOCK_N, prefix_len)
+        n_lo = tl.maximum(lo - prefix_blocks, 0) * BLOCK_N
+        n_hi = tl.minimum(tl.maximum(hi - prefix_blocks, 0) * BLOCK_N, kv_len)
+        n_end = tl.minimum(n_hi, full)
+        # (an empty split past the last block has n_lo > full)
+        tail = (full < n_hi) & (n_lo <= full)
+
+    if PAGED:  # first the sequence's paged prefix: position p at page table[p // PAGE_SIZE]
         table = BlockTable + tl.load(row + 6).to(tl.int64) * s_bt
         c_base = KVC + kv_head * s_ch
-        for n0 in range(0, prefix_len, BLOCK_N):
+        for n0 in range(p_lo, p_hi, BLOCK_N):
             pos = n0 + offs_n
             n_mask = pos < prefix_len
             page = tl.load(table + pos // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
@@ -154,16 +197,13 @@ def _bidir_attn_kernel(
 
     k_base = K + kv_start * s_kt + kv_head * s_kh
     v_base = V + kv_start * s_vt + kv_head * s_vh
-    # Whole blocks of keys load and score without masks; the tail block (if
-    # any) after them. Same order of blocks as one masked loop: same sums.
-    full = kv_len - kv_len % BLOCK_N
-    for n0 in range(0, full, BLOCK_N):
+    for n0 in range(n_lo, n_end, BLOCK_N):
         rows = n0 + offs_n
         k = tl.load(k_base + rows[None, :] * s_kt + offs_d[:, None])  # [HEAD_DIM, BLOCK_N]
         v = tl.load(v_base + rows[:, None] * s_vt + offs_d[None, :])  # [BLOCK_N, HEAD_DIM]
         m_i, l_i, acc = _online_softmax_step(q, k, v, offs_n, m_i, l_i, acc, qk_scale, IEEE,
                                              False)
-    if full < kv_len:
+    if tail:
         rows = full + offs_n
         n_mask = rows < kv_len
         k = tl.load(k_base + rows[None, :] * s_kt + offs_d[:, None],
@@ -172,10 +212,19 @@ def _bidir_attn_kernel(
                     mask=n_mask[:, None], other=0.0)
         m_i, l_i, acc = _online_softmax_step(q, k, v, n_mask, m_i, l_i, acc, qk_scale, IEEE)
 
-    out = acc / l_i[:, None]
-    o_ptrs = (O + (seq_start + offs_m)[:, None] * s_ot + row_head[:, None] * s_oh
-              + offs_d[None, :])
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_mask[:, None])
+    if SPLIT:  # this split's partial, for ``triton_split``'s merge
+        part = (((tl.program_id(2) * tl.num_programs(1) + tile) * tl.num_programs(0)
+                 + tl.program_id(0)) * BLOCK_M + tl.arange(0, BLOCK_M))
+        ml_half = tl.num_programs(2) * tl.num_programs(1) * tl.num_programs(0) * BLOCK_M
+        tl.store(PartML + part, m_i, mask=m_mask)
+        tl.store(PartML + ml_half + part, l_i, mask=m_mask)
+        tl.store(PartAcc + part[:, None] * HEAD_DIM + offs_d[None, :], acc,
+                 mask=m_mask[:, None])
+    else:
+        out = acc / l_i[:, None]
+        o_ptrs = (O + (seq_start + offs_m)[:, None] * s_ot + row_head[:, None] * s_oh
+                  + offs_d[None, :])
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_mask[:, None])
 
 
 @lru_cache(maxsize=256)
@@ -219,6 +268,14 @@ def packs(group: int, long: bool = False) -> bool:
     return group > 1 and group & (group - 1) == 0 and not long
 
 
+def splits_of(num_tiles: int, num_heads: int, num_kv_heads: int, max_keys: int,
+              device: torch.device, long: bool = False) -> int:
+    """Key splits per tile of a launch (Split keys, above); a tile takes a
+    program per KV head if GQA-packed, else per query head."""
+    programs = num_kv_heads if packs(num_heads // num_kv_heads, long) else num_heads
+    return split_count(num_tiles, programs, max_keys, sm_count(device))
+
+
 def block_m_of(head_dim: int, dtype: torch.dtype, long: bool = False, group: int = 1) -> int:
     """Query tokens per tile, for building tile rows ahead of a launch."""
     block_m = _config(head_dim, dtype, long, group)[0]
@@ -248,9 +305,11 @@ def bidirectional_attention_triton(
     out: torch.Tensor | None = None,
     prefix: PagedPrefix | None = None,
     config: tuple[int, int, int, int] | None = None,
+    splits: int | None = None,
 ) -> torch.Tensor:
     """``config``: (BLOCK_M, BLOCK_N, num_warps, num_stages), for sweeps;
-    default ``_config``'s choice."""
+    default ``_config``'s choice. ``splits``: key splits per tile (1: the
+    unsplit kernel); default ``splits_of``'s choice."""
     tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     assert k.shape == v.shape and k.shape[2] == head_dim
@@ -280,27 +339,32 @@ def bidirectional_attention_triton(
         assert k.shape[0] >= kv_end, f"kv_batch needs {kv_end} k/v rows, got {k.shape[0]}"
     if tiles.shape[0] == 0:
         return out
+    if splits is None:
+        splits = splits_of(tiles.shape[0], num_heads, num_kv_heads,
+                           max_keys(batch, kv_batch, prefix.lens if prefix else None),
+                           q.device, long)
     if prefix is None:
         return _launch(q, k, v, out, tiles, scale, kv_batch is not None, config=config,
-                       long=long)
+                       long=long, splits=splits)
     return _launch(q, k, v, out, tiles, scale, True, prefix.kv_cache, prefix.block_table,
-                   config, long)
+                   config, long, splits)
 
 
 def paged_attention_with_tiles(q, k, v, tiles, scale, kv_cache, block_table,
-                               long: bool = False) -> torch.Tensor:
+                               long: bool = False, splits: int = 1) -> torch.Tensor:
     """The paged variant on a prebuilt tile table (7 columns, from
     ``tile_rows`` with ``block_m_of(..., long, group)`` queries per tile; tiles with
     no queries do nothing), with no host-side work that depends on the data:
-    what a CUDA graph captures."""
+    what a CUDA graph captures. ``splits``: key splits per tile, decided by
+    the caller when it built the table (``splits_of``)."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     group = q.shape[1] // k.shape[1]
     return _launch(q, k, v, out, tiles, scale, True, kv_cache, block_table,
-                   _config(q.shape[2], q.dtype, long, group), long)
+                   _config(q.shape[2], q.dtype, long, group), long, splits)
 
 
 def _launch(q, k, v, out, tiles, scale, sep_kv, kv_cache=None, block_table=None, config=None,
-            long=False):
+            long=False, splits=1):
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k.shape[1]
     group = num_heads // num_kv_heads
@@ -315,16 +379,26 @@ def _launch(q, k, v, out, tiles, scale, sep_kv, kv_cache=None, block_table=None,
         cache_strides = (cache.stride(0), cache.stride(1), cache.stride(2), table.stride(0))
         page_size = cache.shape[2]
     pack = packs(group, long)
-    assert tiles.shape[0] < 65536, "more than 65535 query tiles in one launch"
-    _bidir_attn_kernel[(num_kv_heads if pack else num_heads, tiles.shape[0])](
+    num_tiles, programs = tiles.shape[0], num_kv_heads if pack else num_heads
+    assert num_tiles < 65536, "more than 65535 query tiles in one launch"
+    assert 1 <= splits < 65536, f"bad key split count {splits}"
+    if splits == 1:  # unused pointer arguments
+        grid, (part_ml, part_acc) = (programs, num_tiles), (q, q)
+    else:
+        grid = (programs, num_tiles, splits)
+        part_ml, part_acc = partials(splits, num_tiles, programs, block_m, head_dim, q.device)
+    _bidir_attn_kernel[grid](
         q, k, v, out, tiles, float(scale),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        cache, table, *cache_strides,
+        cache, table, *cache_strides, part_ml, part_acc,
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_M=block_m, BLOCK_N=block_n,
         IEEE=q.dtype == torch.float32, SEP_KV=sep_kv,
-        PAGED=kv_cache is not None, PAGE_SIZE=page_size, PACK=pack,
+        PAGED=kv_cache is not None, PAGE_SIZE=page_size, PACK=pack, SPLIT=splits > 1,
         num_warps=num_warps, num_stages=num_stages,
     )
+    if splits > 1:
+        row_width = 7 if kv_cache is not None else 5 if sep_kv else 3
+        merge_splits(out, tiles, part_ml, part_acc, group, pack, row_width)
     return out

@@ -42,7 +42,7 @@ from itertools import chain
 import numpy as np
 import torch
 
-from vllm_omni.kernels import attention_with_tiles, long_tiles, tile_block_m
+from vllm_omni.kernels import attention_with_tiles, long_tiles, tile_block_m, tile_splits
 from vllm_omni.kernels.paged_kv import write_pages
 
 
@@ -201,6 +201,7 @@ class PlanTensors:
     block_table: torch.Tensor  # [requests, pages] int32
     arena: KeyArena | None
     long: bool  # the tiles are the long-sequence ones
+    splits: int = 1  # key splits per tile (``kernels.tile_splits``)
 
     def attend(self, layer: int, q, k, v, scale: float, kv_cache: torch.Tensor) -> torch.Tensor:
         if len(self.write_rows):
@@ -212,7 +213,7 @@ class PlanTensors:
             arena_v.index_copy_(0, self.rows, v)
             k, v = arena_k, arena_v
         return attention_with_tiles(q, k, v, self.tiles, scale, kv_cache, self.block_table,
-                                    self.long)
+                                    self.long, self.splits)
 
 
 class AttentionPlan:
@@ -231,6 +232,8 @@ class AttentionPlan:
         starts = np.cumsum(lens) - lens  # packed row of each sequence's first query
         to_packed = starts - cols.q_start  # position p of sequence i: row p + to_packed[i]
         self.num_tokens = int(lens.sum())
+        # The most keys (paged prefix and local) of a sequence with queries.
+        self.max_keys = int(cols.keys_end[lens > 0].max(initial=0))
         positions = np.arange(self.num_tokens) - np.repeat(to_packed, lens)
         rows = positions + np.repeat(cols.arena_start, lens)
         if arena is not None:
@@ -251,7 +254,7 @@ class AttentionPlan:
         # Every int64 input, in one array: one copy to the device.
         self.host = np.concatenate([rows, positions, logit_rows, *writes])
         self._tiles: dict[int, np.ndarray] = {}
-        self._tensors: tuple[int, PlanTensors] | None = None
+        self._tensors: tuple[tuple[int, int], PlanTensors] | None = None
 
     def sections(self) -> list[int]:
         """Lengths of ``host``'s parts: rows, positions, logit rows, then the
@@ -272,17 +275,20 @@ class AttentionPlan:
                  table_rows[seq]], axis=1).astype(np.int32)
         return tiles
 
-    def tensors(self, block_m: int) -> PlanTensors:
-        """The plan on its device, for ``block_m`` queries per tile."""
-        if self._tensors is None or self._tensors[0] != block_m:
+    def tensors(self, block_m: int, splits: int = 1) -> PlanTensors:
+        """The plan on its device, for ``block_m`` queries per tile and
+        ``splits`` key splits per tile."""
+        if self._tensors is None or self._tensors[0] != (block_m, splits):
             parts = to_device(self.host, self.device).split(self.sections())
             tensors = PlanTensors(*parts, to_device(self.tiles(block_m), self.device),
-                                  self.table.on(self.device), self.arena, self.long)
-            self._tensors = (block_m, tensors)
+                                  self.table.on(self.device), self.arena, self.long, splits)
+            self._tensors = ((block_m, splits), tensors)
         return self._tensors[1]
 
     def attend(self, layer: int, q, k, v, scale: float, kv_cache: torch.Tensor) -> torch.Tensor:
         """The plan handed to the model as is (the tests' forwards)."""
         block_m = tile_block_m(q.shape[-1], q.dtype, q.device, self.long,
                                q.shape[1] // k.shape[1])
-        return self.tensors(block_m).attend(layer, q, k, v, scale, kv_cache)
+        splits = tile_splits(len(self.tiles(block_m)), self.max_keys, q.shape[1], k.shape[1],
+                             q.device, self.long)
+        return self.tensors(block_m, splits).attend(layer, q, k, v, scale, kv_cache)
