@@ -188,7 +188,8 @@ def run_engine(kind: str, model: str, args, shape: dict, out_path: str) -> None:
     kwargs = dict(model=model, load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
                   max_model_len=args.prompt + canvas + 64, seed=0,
                   gpu_memory_utilization=args.gpu_memory_utilization,
-                  tensor_parallel_size=args.tensor_parallel_size)
+                  tensor_parallel_size=args.tensor_parallel_size,
+                  quantization=args.quantization)
     if kind == "diffusion":
         # One forward may pack every canvas of the largest batch (exact mode):
         # the denoiser splits a step into groups of at most this many tokens.
@@ -217,6 +218,7 @@ def run_engine(kind: str, model: str, args, shape: dict, out_path: str) -> None:
                                 extra_args=extra)
             row = {"engine": kind, "model": args.name, "mode": LABEL.get(mode, mode),
                    "batch": batch, "k": k, "tp": args.tensor_parallel_size,
+                   "quantization": args.quantization,
                    "prompt": args.prompt, "gen": args.gen,
                    "block": args.block, "engine_start_s": start_s}
             if (mode, k) not in last:  # warm-up, once per variant; also the first estimate
@@ -336,6 +338,8 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=0,
                     help="the diffusion engine's token budget (default: the largest batch's canvases)")
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs of the denoising forwards")
+    ap.add_argument("--quantization", default=None,
+                    help="vLLM's quantization for both engines, e.g. fp8 (weights at load)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     bad = [k for k in args.tokens_per_step if k < 1 or args.block % k]
