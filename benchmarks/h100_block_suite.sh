@@ -29,8 +29,9 @@ bench() {  # name, model, limit, extra throughput.py arguments (after the defaul
 }
 case "${1:?part: check | ar4b | ours4b | ar8b | ours8b | llada2 | arllada2}" in
 check)
-  step tests 330 python3 -m pytest -q -x -p no:cacheprovider tests/test_attention_kernel.py \
-    tests/test_block_commit.py tests/test_fast_dllm_v2_golden.py tests/test_llada_golden.py
+  step tests 420 python3 -m pytest -q -x -p no:cacheprovider tests/test_attention_kernel.py \
+    tests/test_block_commit.py tests/test_fast_dllm_v2_golden.py tests/test_llada_golden.py \
+    tests/test_dream_golden.py tests/test_dream_commit.py
   tail -3 "$RUN/logs/tests.log" | tee -a "$LOG"
   step sdar_gpu 150 python3 tests/sdar/gpu_check.py /tmp/sdar64 "$OUT/sdar_gpu.json"
   step sdar_gpu_graphs 150 python3 tests/sdar/gpu_check.py /tmp/sdar64 "$OUT/sdar_gpu_graphs.json" \
