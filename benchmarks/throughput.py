@@ -27,6 +27,13 @@ blocks in vLLM's KV cache) runs mode "block" instead of the cache modes:
 ``low_confidence_static`` with ``denoising_steps_per_block = block // k``
 commits exactly k tokens per step; its AR twin is vLLM's Qwen3 with the
 same config.
+``--blocks-in-flight 1 2 3`` adds multi-block rows to mode "block" (printed
+"block/n"; docs/architecture/overview.md, "Multi-block decoding"): up to n
+blocks of a request in flight. Dummy weights never pass the semi-activated
+threshold either, so a later block only commits once fully activated:
+``--decoded-token-threshold`` (at most (block - k) / block) lets it start
+before the block before it is finished. Those rows leave out the TFLOP/s
+(``block_flops`` counts one block in flight).
 Mode "none" is printed as "exact". A row whose estimated time (the last
 measurement of the same mode and k, warm-up included, scaled linearly by
 batch) exceeds ``--max-seconds-per-row`` is not run but recorded as skipped,
@@ -55,6 +62,7 @@ BLOCK_CAUSAL = {
     "LLaDA2MoeModelLM": {"algorithm": "block_refinement", "confidence_threshold": 1.0,
                          "editing_threshold": 0.0},
 }
+MULTI_BLOCK_KNOBS = ("block_add_threshold", "decoded_token_threshold", "semi_active_threshold")
 
 
 def model_shape(config: dict) -> dict:
@@ -203,29 +211,34 @@ def run_engine(kind: str, model: str, args, shape: dict, out_path: str) -> None:
     vocab = llm.llm_engine.model_config.get_vocab_size()
     prompts = [{"prompt_token_ids": rng.integers(100, vocab - 1000, args.prompt).tolist()}
                for _ in range(max(args.batch))]
-    variants = ([(m, k) for m in args.modes for k in args.tokens_per_step]
-                if kind == "diffusion" else [("ar", 1)])
-    last = {}  # (mode, k) -> (batch, seconds) of its latest run, for the estimate
+    variants = ([(m, k, n) for m in args.modes for k in args.tokens_per_step
+                 for n in (args.blocks_in_flight if m == "block" else [1])]
+                if kind == "diffusion" else [("ar", 1, 1)])
+    last = {}  # (mode, k, n) -> (batch, seconds) of its latest run, for the estimate
     for batch in args.batch:
-        for mode, k in variants:
+        for mode, k, n in variants:
             extra = None
             if kind == "diffusion" and mode == "block":
                 extra = {"block_length": args.block, "denoising_steps_per_block": args.block // k,
                          **shape["block_knobs"]}
+                if n > 1:
+                    extra.update(max_blocks_in_flight=n, **{
+                        knob: getattr(args, knob) for knob in MULTI_BLOCK_KNOBS
+                        if getattr(args, knob) is not None})
             elif kind == "diffusion":
                 extra = {"block_length": args.block, "steps": canvas // k, "cache": mode}
             sp = SamplingParams(temperature=0, max_tokens=args.gen, ignore_eos=True,
                                 extra_args=extra)
             row = {"engine": kind, "model": args.name, "mode": LABEL.get(mode, mode),
-                   "batch": batch, "k": k, "tp": args.tensor_parallel_size,
-                   "quantization": args.quantization,
+                   "batch": batch, "k": k, "blocks_in_flight": n,
+                   "tp": args.tensor_parallel_size, "quantization": args.quantization,
                    "prompt": args.prompt, "gen": args.gen,
                    "block": args.block, "engine_start_s": start_s}
-            if (mode, k) not in last:  # warm-up, once per variant; also the first estimate
+            if (mode, k, n) not in last:  # warm-up, once per variant; also the first estimate
                 t = time.perf_counter()
                 llm.generate(prompts[:1], sp, use_tqdm=False)
-                last[mode, k] = (1, time.perf_counter() - t)
-            b0, s0 = last[mode, k]
+                last[mode, k, n] = (1, time.perf_counter() - t)
+            b0, s0 = last[mode, k, n]
             estimate = s0 * batch / b0  # linear in batch: pessimistic where batching helps
             if estimate > args.max_seconds_per_row:
                 row.update(skipped=True, estimate_s=round(estimate, 2))
@@ -244,14 +257,14 @@ def run_engine(kind: str, model: str, args, shape: dict, out_path: str) -> None:
                 t = time.perf_counter()
                 outs = llm.generate(prompts[:batch], sp, use_tqdm=False)
                 elapsed = time.perf_counter() - t
-                last[mode, k] = (batch, elapsed)
+                last[mode, k, n] = (batch, elapsed)
                 tokens = sum(len(o.outputs[0].token_ids) for o in outs)
                 # Steps each request takes; batched requests take them together.
                 steps = canvas // k if kind == "diffusion" else args.gen
                 row.update(tokens=tokens, seconds=round(elapsed, 3),
                            tok_per_s=round(tokens / elapsed, 1),
                            steps_per_s=round(steps / elapsed, 1))
-                if kind == "diffusion":
+                if kind == "diffusion" and n == 1:
                     flops = batch * (block_flops(shape, args.prompt, args.gen, args.block, k)
                                      if mode == "block" else
                                      denoise_flops(shape, args.prompt, args.gen, args.block, k, mode))
@@ -260,6 +273,7 @@ def run_engine(kind: str, model: str, args, shape: dict, out_path: str) -> None:
                     # Significant digits, not decimals: a CPU's figures are tiny.
                     row.update(tflops=float(f"{tflops:.4g}"),
                                tflops_frac=float(f"{tflops / tp_peak:.4g}"))
+                if kind == "diffusion":
                     # The denoiser's own account (rank 0): per step, the host
                     # time until its kernels are queued vs. until it is done.
                     st = llm.collective_rpc("diffusion_step_stats")[0]
@@ -272,16 +286,17 @@ def run_engine(kind: str, model: str, args, shape: dict, out_path: str) -> None:
                                # with our runner's own work (the rest: vLLM's
                                # scheduling, outputs and IPC, the front end)
                                runner_frac=round(st["runner_s"] / elapsed, 3),
-                               capture_ms=round(1e3 * st["capture_s"], 1))
+                               capture_ms=round(1e3 * st["capture_s"], 1),
+                               blocks_added=st.get("multi_block_blocks_added", 0))
                     eager = st["steps"] - st["graph_steps"]
                     # Graphed (block-only) and eager (refresh, exact, prefix) steps apart.
-                    for part, n, host, wall in (
+                    for part, count, host, wall in (
                             ("graph", st["graph_steps"], st["graph_host_s"], st["graph_wall_s"]),
                             ("eager", eager, st["host_s"] - st["graph_host_s"],
                              st["wall_s"] - st["graph_wall_s"])):
-                        if n:
+                        if count:
                             row[f"{part}_host_wall_ms_per_forward"] = [
-                                round(1e3 * host / n, 3), round(1e3 * wall / n, 3)]
+                                round(1e3 * host / count, 3), round(1e3 * wall / count, 3)]
             print(row, flush=True)
             with open(out_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -298,18 +313,23 @@ def engine_process(*args) -> None:
         os._exit(1)
 
 
+def _mode(row: dict) -> str:
+    n = row.get("blocks_in_flight", 1)
+    return row["mode"] if n == 1 else f"{row['mode']}/{n}"
+
+
 def print_table(rows: list[dict]) -> None:
     print(f"\n{'engine':<10}{'mode':<7}{'tp':>3}{'batch':>6}{'k':>3}{'tok/s':>10}{'steps/s':>9}"
           f"{'s':>9}{'TFLOP/s':>10}{'of peak':>11}  note")
     for r in rows:
         if r.get("skipped"):
-            print(f"{r['engine']:<10}{r['mode']:<7}{r.get('tp', 1):>3}{r['batch']:>6}{r['k']:>3}"
+            print(f"{r['engine']:<10}{_mode(r):<7}{r.get('tp', 1):>3}{r['batch']:>6}{r['k']:>3}"
                   f"{'-':>10}{'-':>9}"
                   f"{'-':>9}{'-':>10}{'-':>11}  skipped, estimate {r['estimate_s']} s")
             continue
         tf = f"{r['tflops']:.3g}" if "tflops" in r else "-"
         frac = f"{100 * r['tflops_frac']:.3g}%" if "tflops_frac" in r else "-"
-        print(f"{r['engine']:<10}{r['mode']:<7}{r.get('tp', 1):>3}{r['batch']:>6}{r['k']:>3}"
+        print(f"{r['engine']:<10}{_mode(r):<7}{r.get('tp', 1):>3}{r['batch']:>6}{r['k']:>3}"
               f"{r['tok_per_s']:>10}"
               f"{r['steps_per_s']:>9}{r['seconds']:>9}{tf:>10}{frac:>11}")
 
@@ -323,6 +343,11 @@ def main() -> None:
                     help="cache modes; none is printed as exact (a block-diffusion model "
                     "runs mode block only)")
     ap.add_argument("--tokens-per-step", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--blocks-in-flight", type=int, nargs="+", default=[1],
+                    help="mode block: a row per max_blocks_in_flight (1: single-block)")
+    for knob in MULTI_BLOCK_KNOBS:
+        ap.add_argument("--" + knob.replace("_", "-"), type=float,
+                        help=f"multi-block rows: the {knob} knob (default: the knob's)")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--gen", type=int, default=256)
     ap.add_argument("--block", type=int, default=32)

@@ -45,7 +45,8 @@ def _values(knob) -> str:
         return _per_family(knob, lambda family: ", ".join(
             f"`{v}`" for v in knob.allowed_values(family)))
     if knob.type is int:
-        return f"integer >= {knob.low}"
+        return f"integer >= {knob.low}" if knob.high is None else \
+            f"integer in [{knob.low}, {knob.high}]"
     return f"number in {knob.interval()}"
 
 

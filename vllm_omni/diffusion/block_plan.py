@@ -10,7 +10,11 @@ A forward packs, in this order:
 - a **decode sequence** per active request: its block over the pages before
   it and the block itself (with the block cache, a step whose sub-block
   starts with a decided token runs only the sub-block's queries, over the
-  pages and the arena's block); the window's positions get logits.
+  pages and the arena's block); the window's positions get logits. A later
+  block in flight (multi-block, ``multi_block.py``) reads its local keys
+  from ``keys_from``, the first block in flight, through the key arena;
+- a **rider** sequence per finished block still in flight (multi-block):
+  as a decode sequence, without logits (the blocks after it read its keys).
 So the logits come as the AR rows of the awaiting requests, then the
 windows of the active ones.
 
@@ -93,12 +97,13 @@ class BlockPlans:
         else:
             self.tokens[index] = values
 
-    def first_masks(self, works, flags=()) -> tuple[list[int], list[bool]]:
+    def first_masks(self, works, flags=(), extra=None) -> tuple[list[int], list[bool], list[int]]:
         """Each work's first masked block position (its block length: none),
         for all of them in one look at the device: a gather of their blocks'
         rows, each followed by the mask row (the rows are kept while the same
         works ask, as in a block's steps). ``flags`` (device or host bools)
-        come back with them, read in the same look."""
+        and ``extra`` (device ints) come back with them, read in the same
+        look."""
         key = tuple(map(id, works))
         if self._looks is None or self._looks[0] != key:
             lengths = _ints([w.block_length for w in works])
@@ -108,26 +113,35 @@ class BlockPlans:
             self._looks = (key, to_device(rows, self.device))
         blocks = self.tokens[self._looks[1]]
         firsts = (blocks == self.mask_token_id).int().argmax(1)
-        if not flags:
-            return firsts.tolist(), []
-        flags = torch.stack([torch.as_tensor(f, device=firsts.device) for f in flags])
-        values = torch.cat([firsts, flags.to(firsts.dtype)]).tolist()
-        return values[: len(works)], [bool(v) for v in values[len(works):]]
+        if not flags and extra is None:
+            return firsts.tolist(), [], []
+        parts, n = [firsts], len(works)
+        if flags:
+            flags = torch.stack([torch.as_tensor(f, device=firsts.device) for f in flags])
+            parts.append(flags.to(firsts.dtype))
+        if extra is not None:
+            parts.append(extra.to(firsts.dtype))
+        values = torch.cat(parts).tolist()
+        m = n + len(flags)
+        return values[:n], [bool(v) for v in values[n:m]], values[m:]
 
     def plan(self, stores, active, awaiting, store_row: int, page_size: int,
-             arena: KeyArena | None) -> AttentionPlan:
-        """The forward of ``stores``' blocks, ``active``'s denoising steps and
-        ``awaiting``'s AR tokens; stores' token rows start at ``store_row``."""
+             arena: KeyArena | None, riders=()) -> AttentionPlan:
+        """The forward of ``stores``' blocks, ``active``'s denoising steps,
+        ``awaiting``'s AR tokens and ``riders``' keys; stores' token rows
+        start at ``store_row``."""
         key = None
         if not stores and not awaiting:
-            key = (tuple(map(id, active)), self._windows(active))
+            key = (tuple(map(id, active)), self._windows(active), tuple(map(id, riders)))
             if key == self._key:
                 return self._plan
         parts = []
         if stores:
             parts.append(self._stores(stores, awaiting, store_row))
         if active:
-            parts.append(self._decodes(active))
+            parts.append(self._decodes(active, arena is not None))
+        if riders:
+            parts.append(self._riders(riders))
         plan = AttentionPlan(Columns.concat(parts), page_size, self.device, arena, self._table)
         self._key, self._plan = key, plan
         return plan
@@ -172,7 +186,7 @@ class BlockPlans:
             return None  # every window is the whole block
         return tuple((*w.window(), w.sub_block_step()) for w in active)
 
-    def _decodes(self, active) -> Columns:
+    def _decodes(self, active, arena: bool) -> Columns:
         s = _ints([w.store_end for w in active])
         end = s + _ints([w.block_length for w in active])
         windows = self._windows(active)
@@ -189,5 +203,21 @@ class BlockPlans:
         if self.logit_shift:  # position p from the output at p - shift, a query's at least
             logits_at = np.maximum(logits_at - self.logit_shift, np.repeat(q_start, counts))
         table_row, num_pages = self._pages(active)
-        return Columns(q_start, q_end, s, end, _ints([w.arena_row for w in active]) - s,
+        keys = _keys_from(active) if arena else s
+        return Columns(q_start, q_end, keys, end, _ints([w.arena_row for w in active]) - s,
                        table_row, num_pages, s, s, counts, logits_at)
+
+    def _riders(self, riders) -> Columns:
+        """Finished blocks in flight: their queries give the keys the later
+        blocks read; no logits, nothing written."""
+        s = _ints([w.store_end for w in riders])
+        end = s + _ints([w.block_length for w in riders])
+        table_row, num_pages = self._pages(riders)
+        none = np.zeros(len(s), np.int64)
+        return Columns(s, end, _keys_from(riders), end, _ints([w.arena_row for w in riders]) - s,
+                       table_row, num_pages, s, s, none, np.zeros(0, np.int64))
+
+
+def _keys_from(works) -> np.ndarray:
+    """Where each decode sequence's local keys start (``BlockWork.keys_from``)."""
+    return _ints([w.store_end if w.keys_from is None else w.keys_from for w in works])

@@ -87,6 +87,8 @@ class Knob:
                 fail(self.name, f"must be an integer, got {value!r}")
             if self.low is not None and value < self.low:
                 fail(self.name, f"must be >= {self.low}, got {value}")
+            if self.high is not None and value > self.high:
+                fail(self.name, f"must be <= {self.high}, got {value}")
             return value
         ok = not isinstance(value, bool) and isinstance(value, (int, float))
         ok = ok and (self.low <= value if self.closed[0] else self.low < value)
@@ -103,6 +105,12 @@ class Knob:
 # The cache modes of each family that has them (the ``cache`` knob).
 _CACHES = {"llada": ("none", "prefix", "dual"), "dream": ("none", "prefix", "dual"),
            "fast_dllm_v2": ("none", "block")}
+
+# The families that decode several blocks of a request at once (multi-block):
+# Fast-dLLM v2 cannot, each block starts with the token its predecessor's
+# last forward gives.
+_MULTI_BLOCK = ("sdar", "llada2")
+MAX_BLOCKS_IN_FLIGHT = 8  # bounds the token rows a group reserves
 
 # SDAR's defaults are its official sampler's command line (block 4, 4 steps,
 # low_confidence_dynamic at 0.85; JetAstra/SDAR generate.py). Fast-dLLM v2's
@@ -181,6 +189,27 @@ KNOBS: tuple[Knob, ...] = (
          low=0,
          high=1, closed=(False, True), nullable=True,
          sampling_field_set=lambda v: v < 1),
+    # Multi-block decoding (D2F; docs/architecture/overview.md, "Multi-block
+    # decoding"): Diffulex's defaults (buffer_size aside: off here).
+    Knob("max_blocks_in_flight", int, "multi-block decoding (D2F, Diffulex's `buffer_size`): "
+         "up to this many of a request's blocks are decoded at once, a later one attending to "
+         "the earlier unfinished ones; a block is returned (and stored) once it and every "
+         "earlier one are finished; 1: off, one block at a time",
+         default=1, families=_MULTI_BLOCK, low=1, high=MAX_BLOCKS_IN_FLIGHT,
+         off=1, loop=True),
+    Knob("block_add_threshold", float, "multi-block: the next block joins when the last one in "
+         "flight has at least this fraction of its positions decided (D2F's "
+         "`block_add_threshold`, Diffulex's `add_block_threshold`)",
+         default=0.1, families=_MULTI_BLOCK, low=0, high=1, loop=True),
+    Knob("decoded_token_threshold", float, "multi-block: a block in flight is fully activated "
+         "(decoded by `algorithm`) once the block before it has at least this fraction of its "
+         "positions decided, semi-activated before (D2F's `decoded_token_threshold`, Diffulex's "
+         "`semi_complete_threshold`)",
+         default=0.9, families=_MULTI_BLOCK, low=0, high=1, loop=True),
+    Knob("semi_active_threshold", float, "multi-block: a semi-activated block commits only the "
+         "masked positions whose drawn token's probability is strictly above this (D2F's "
+         "`skip_threshold`, Diffulex's `accept_threshold`)",
+         default=0.9, families=_MULTI_BLOCK, low=0, high=1, loop=True),
     Knob("alg_temp", float, "sample the committed positions from "
          "softmax(confidence / alg_temp); 0: the most confident",
          default=0.0, families=("dream",), low=0, high=math.inf, closed=(True, False),

@@ -54,15 +54,23 @@ class DiffusionRunnerMixin:
         if not isinstance(model, DiffusionLM):
             return
         family = FAMILIES[model.__class__.__name__]
+        defaults = additional.get("diffusion", {})
         if model.block_causal:
+            block_cache = "block" in _cache_modes(family)
+            multi_block = KNOBS_BY_NAME["max_blocks_in_flight"].applies_to(family.name)
             # Block lengths divide the page size (engine_config.py).
             self.denoiser = BlockCausalDenoiser(
                 model, self.device, self.scheduler_config.max_num_batched_tokens,
                 max_block_length=self.cache_config.block_size,
-                block_cache="block" in _cache_modes(family),
+                block_cache=block_cache,
                 max_model_len=self.model_config.max_model_len,
                 max_num_seqs=self.scheduler_config.max_num_seqs,
-                cuda_graphs=additional.get(CUDA_GRAPHS_KEY, False))
+                cuda_graphs=additional.get(CUDA_GRAPHS_KEY, False),
+                multi_block=multi_block,
+                # Multi-block's key arena is profiled when the engine turns it
+                # on by default (overview.md, "Multi-block decoding").
+                arena_at_start=block_cache or (
+                    multi_block and defaults.get("max_blocks_in_flight", 1) > 1))
             self.kv_frontier: dict[str, int] = {}  # per request (module docstring)
             self.cpu_generators: dict[str, torch.Generator] = {}
         else:
@@ -75,7 +83,7 @@ class DiffusionRunnerMixin:
                 cuda_graphs=additional.get(CUDA_GRAPHS_KEY, False),
             )
         self.diffusion_family = family
-        self.diffusion_defaults = additional.get("diffusion", {})
+        self.diffusion_defaults = defaults
         self.diffusion_params: dict[str, DiffusionParams] = {}
 
     # The worker's sleep-mode pool for per-step scratch memory (discarded
@@ -168,6 +176,7 @@ class DiffusionRunnerMixin:
             if block_causal:
                 self.kv_frontier.pop(req_id, None)
                 self.cpu_generators.pop(req_id, None)
+                self.denoiser.forget(req_id)
         if not scheduler_output.total_num_scheduled_tokens:
             return EMPTY_MODEL_RUNNER_OUTPUT
 
@@ -287,8 +296,13 @@ class DiffusionRunnerMixin:
         if self.denoiser is None:
             return {}
         stats = self.denoiser.stats.as_dict()
+        flights = getattr(self.denoiser, "flights", None)  # multi-block's counts
+        if flights is not None:
+            stats.update(flights.stats)
         if reset:
             self.denoiser.stats = StepStats()
+            if flights is not None:
+                flights.stats = dict.fromkeys(flights.stats, 0)
         return stats
 
     def _kv_pages(self, block_ids: list[int]) -> list[int]:
