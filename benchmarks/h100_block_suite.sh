@@ -14,7 +14,8 @@
 #                          # BailingMoeV2 twin; LLaDA2's golden tests on the GPU first
 #
 # vLLM on the device: the bundle of ../shared/gpu/ (scripts/gpu_bundle_split.sh
-# gives the calls).
+# gives the calls). LLaDA2 needs vLLM's MoE kernels, which the bundle leaves
+# out: carry .gpu-bundle/moe (scripts/gpu_moe_part.sh builds and installs it).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/run}
@@ -48,7 +49,12 @@ ours8b) bench ours8b sdar-8b-shape 580 --no-ar ;;
 llada2)
   step llada2_tests 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_llada2_golden.py
   tail -3 "$RUN/logs/llada2_tests.log" | tee -a "$LOG"
-  bench llada2 llada2-mini-shape 380 --no-ar --block 32
+  bench llada2 llada2-mini-shape 300 --no-ar --block 32
+  # Multi-block decoding on vs off at batch 1 (a block fully activated once the
+  # one before it is half decoded: dummy weights never pass the semi-active
+  # threshold).
+  bench llada2_multi llada2-mini-shape 150 --no-ar --block 32 --batch 1 --tokens-per-step 2 4 \
+    --blocks-in-flight 1 2 3 --decoded-token-threshold 0.5
   ;;
 arllada2) bench arllada2 llada2-mini-shape 560 --no-diffusion --block 32 ;;
 esac
