@@ -4,7 +4,7 @@
 # alignment live there (LLaDA2, and the BailingMoeV2 AR twin).
 #
 #   bash scripts/gpu_moe_part.sh build        # here: downloads the wheel (PyPI), ~1 min
-#   source scripts/gpu_moe_part.sh install    # on the GPU machine, after the bundle's
+#   bash scripts/gpu_moe_part.sh install      # on the GPU machine, after the bundle's
 #                                             # first part, carrying .gpu-bundle/moe
 set -euo pipefail
 case "${1:?build | install}" in
