@@ -34,7 +34,8 @@ def load(paths: list[str]) -> dict[str, list[dict]]:
             rows = json.load(f)
         stem = os.path.splitext(os.path.basename(path))[0]
         for r in rows:
-            if r.get("skipped") or "tok_per_s" not in r:
+            # Multi-block rows (blocks_in_flight > 1) are not a mode of these plots.
+            if r.get("skipped") or "tok_per_s" not in r or r.get("blocks_in_flight", 1) > 1:
                 continue
             r = dict(r)
             r.setdefault("k", r.get("tokens_per_step", 1))
