@@ -148,6 +148,32 @@ def test_tensor_parallel_2_block_causal_is_token_exact(monkeypatch, tmp_path):
         del llm
 
 
+def test_tensor_parallel_2_llada2_moe_is_token_exact(monkeypatch):
+    """LLaDA2 under TP=2: attention heads and every expert's intermediate
+    width split over the ranks by vLLM's parallel and fused-MoE layers (the
+    routing replicated), the block-causal engine on top: the golden tokens
+    (off CUDA: float32 on a GPU runs the MoE kernel in TF32), the same blocks
+    on both ranks."""
+    from test_llada2_golden import LLADA2, cases, check_all, generate
+
+    for key, value in TWO_RANKS_ENV.items():
+        monkeypatch.setenv(key, value)
+    # Prefix caching off: the cases mix block lengths (test_llada2_golden.py).
+    llm = start_engine(str(LLADA2 / "tiny"), tensor_parallel_size=2,
+                       max_num_batched_tokens=64, long_prefill_token_threshold=32,
+                       enable_prefix_caching=False)
+    try:
+        llm.collective_rpc("diffusion_step_stats", kwargs={"reset": True})
+        batch = cases()
+        got = generate(llm, batch)
+        crcs = [s["blocks_crc"] for s in llm.collective_rpc("diffusion_step_stats")]
+        assert len(crcs) == 2 and crcs[0] == crcs[1] != 0, crcs
+        if not torch.cuda.is_available():
+            check_all(batch, got)
+    finally:
+        del llm
+
+
 def test_data_parallel_2_spreads_requests_and_is_token_exact():
     data = golden_cases("llada_cases.json")["cases"]
     server = Server(str(ASSETS / "llada-tiny"), "--served-model-name", "llada",
