@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -202,3 +203,25 @@ class Server:
         except Exception:
             self.proc.kill()
         self.log.close()
+
+
+@pytest.fixture(scope="module")
+def single_rank():
+    """vLLM's parallel layers in this process: one rank, then torn down so
+    that later engines start from a clean state."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.distributed import (destroy_distributed_environment, destroy_model_parallel,
+                                  init_distributed_environment, initialize_model_parallel)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with set_current_vllm_config(VllmConfig()):
+        init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
+                                     distributed_init_method=f"tcp://127.0.0.1:{port}")
+        initialize_model_parallel(1, 1)
+        try:
+            yield
+        finally:
+            destroy_model_parallel()
+            destroy_distributed_environment()

@@ -3,8 +3,6 @@
 several requests of different image sizes, text lengths and timesteps packed
 into one forward give what diffusers gives for each alone."""
 
-import socket
-
 import pytest
 import torch
 
@@ -13,28 +11,6 @@ diffusers = pytest.importorskip("diffusers")
 # diffusers' own test sizes (tests/pipelines/qwenimage/test_qwenimage.py).
 TINY = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
             num_attention_heads=3, joint_attention_dim=16, axes_dims_rope=(8, 4, 4))
-
-
-@pytest.fixture(scope="module")
-def single_rank():
-    """vLLM's parallel layers in this process: one rank, then torn down so
-    that later engines start from a clean state."""
-    from vllm.config import VllmConfig, set_current_vllm_config
-    from vllm.distributed import (destroy_distributed_environment, destroy_model_parallel,
-                                  init_distributed_environment, initialize_model_parallel)
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with set_current_vllm_config(VllmConfig()):
-        init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
-                                     distributed_init_method=f"tcp://127.0.0.1:{port}")
-        initialize_model_parallel(1, 1)
-        try:
-            yield
-        finally:
-            destroy_model_parallel()
-            destroy_distributed_environment()
 
 
 def build_pair(seed: int = 0):

@@ -18,7 +18,8 @@ What it adds to the shared stack (``transformer.py``):
   ``n_group`` groups (a group's score: its two best), weights the chosen
   scores renormalised times ``routed_scaling_factor``; one shared expert
   added. The routed experts are vLLM's fused MoE layer (tensor and expert
-  parallel as vLLM shards it, grouped top-k routing as vLLM implements it).
+  parallel as vLLM shards it, grouped top-k routing as vLLM implements it);
+  float32 on CUDA runs them in plain PyTorch instead (``LLaDA2MoE._plain_routed``).
 
 Checkpoints name ``auto_map`` modules (the hub's remote code); registering
 ``LLaDA2MoeConfig`` and ``LLaDA2MoeModelLM`` loads them without
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoTokenizer, PretrainedConfig
 from vllm.config import get_current_vllm_config
+from vllm.distributed import tensor_model_parallel_all_reduce
 from vllm.forward_context import set_forward_context
 
 from vllm_omni.compat import fused_moe
@@ -110,7 +112,8 @@ class LLaDA2MoeConfig(PretrainedConfig):
 
 
 class LLaDA2MoE(nn.Module):
-    """Routed experts (vLLM's fused MoE layer) plus the shared expert."""
+    """Routed experts (vLLM's fused MoE layer; float32 on CUDA: plain PyTorch) plus the
+    shared expert."""
 
     def __init__(self, config: LLaDA2MoeConfig, shape: TransformerShape, prefix: str,
                  quant_config=None):
@@ -142,13 +145,73 @@ class LLaDA2MoE(nn.Module):
             shared = replace(shape, intermediate_size=config.moe_intermediate_size
                              * config.num_shared_experts)
             self.shared_experts = SwiGLU(shared, f"{prefix}.shared_experts", quant_config)
+        self.config = config
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, plain: bool | None = None) -> torch.Tensor:
+        """``plain``: None picks the path (see ``_plain_routed``); tests force it."""
         router_logits = F.linear(x.float(), self.gate_weight)
-        out = self.experts(hidden_states=x, router_logits=router_logits)
+        if plain is None:
+            plain = x.dtype == torch.float32 and x.is_cuda
+        if plain:
+            out = self._plain_routed(x, router_logits)
+        else:
+            out = self.experts(hidden_states=x, router_logits=router_logits)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out
+
+    def _plain_routed(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        """The routed experts in plain PyTorch, for float32 on CUDA.
+
+        vLLM's fused-MoE Triton kernel runs float32 dots as TF32 (max logit
+        error 0.03 on the tiny checkpoint, above the golden cases' decision
+        margins); torch's matmuls here stay IEEE float32. The routing is the
+        official gate's (``_route``); the weights are the fused layer's own:
+        ``w13_weight`` [E, 2 I, H] (gate rows then up rows), ``w2_weight``
+        [E, H, I], their unpermuted layout on the Triton backend that float32
+        gets. Under tensor parallelism each rank
+        holds a slice of every expert's I: the partial sums are all-reduced as
+        the fused layer does (the shared expert reduces its own output).
+        Expert or data parallelism (experts spread over ranks) is refused.
+        """
+        experts = getattr(self.experts, "routed_experts", self.experts)  # 0.27.1 / 0.26
+        parallel = experts.moe_config
+        if parallel.ep_size > 1 or parallel.dp_size > 1:
+            raise NotImplementedError("LLaDA2 float32 on CUDA (plain routed experts) supports "
+                                      "tensor parallelism only, not expert or data parallelism")
+        w13, w2 = experts.w13_weight, experts.w2_weight
+        ids, weights = self._route(router_logits)
+        tokens, top_k = ids.shape
+        # Every expert over every token, each (token, slot) keeping its own
+        # expert's output, then weighted and summed over the slots as the
+        # official moe_infer does. No data-dependent shapes or host syncs, so
+        # it runs inside the CUDA graphs (``diffusion/cuda_graphs.py``);
+        # the price: E / top_k times the routed experts' work.
+        y = x.new_zeros(tokens, top_k, x.shape[-1])
+        for e in range(w13.shape[0]):
+            gate, up = F.linear(x, w13[e]).chunk(2, dim=-1)
+            out_e = F.linear(F.silu(gate) * up, w2[e])
+            y = torch.where((ids == e).unsqueeze(-1), out_e.unsqueeze(1), y)
+        out = (y * weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)
+        if parallel.tp_size > 1:
+            out = tensor_model_parallel_all_reduce(out)
+        return out
+
+    def _route(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The official LLaDA2MoeGate, step for step: expert ids and weights [tokens, top_k]."""
+        cfg, top_k = self.config, self.config.num_experts_per_tok
+        scores = torch.sigmoid(router_logits)
+        biased = scores + self.expert_bias  # chooses; the unbiased scores weigh
+        tokens = biased.shape[0]
+        groups = biased.view(tokens, cfg.n_group, -1).topk(2, dim=-1)[0].sum(dim=-1)
+        chosen = torch.topk(groups, k=cfg.topk_group, dim=-1, sorted=False)[1]
+        keep = torch.zeros_like(groups).scatter_(1, chosen, 1).bool()
+        keep = keep.unsqueeze(-1).expand(-1, -1, cfg.num_experts // cfg.n_group).reshape(tokens, -1)
+        ids = torch.topk(biased.masked_fill(~keep, float("-inf")), k=top_k, dim=-1)[1]
+        weights = scores.gather(1, ids)
+        if top_k > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return ids, weights * cfg.routed_scaling_factor
 
 
 # Checkpoint name -> (our parameter name, shard id), inside a layer.
