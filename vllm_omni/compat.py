@@ -34,8 +34,9 @@
   ``PoolingParams(task="plugin")``, renderer and error-response APIs it uses
   are the same in both.
 - Mixture-of-experts layers (LLaDA2): 0.27.1 builds them with
-  ``FusedMoEFactory`` (a ``MoERunner`` whose expert weights sit one module
-  deeper), 0.26 with the ``FusedMoE`` class; both take the same routing
+  ``FusedMoEFactory``, 0.26 with its ``FusedMoE`` factory function; both
+  return a ``MoERunner`` whose expert weights sit one module deeper, and take
+  the same routing
   arguments, and each expert weight parameter's ``weight_loader`` takes
   ``(param, loaded_weight, weight_name, shard_id, expert_id)`` in both
   (``fused_moe`` below; the model finds the parameters by name suffix).
