@@ -20,21 +20,20 @@ per forward; the parts are cProfile's cumulative times per forward.
 import argparse
 import cProfile
 import pstats
-import socket
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from vllm import SamplingParams
-from vllm.config import VllmConfig, set_current_vllm_config
-from vllm.distributed import init_distributed_environment, initialize_model_parallel
 
 from vllm_omni.diffusion.block_causal import BlockCausalDenoiser, BlockWork
 from vllm_omni.diffusion.params import resolve_params
 from vllm_omni.kernels import paged_kv
 from vllm_omni.models import FAMILIES_BY_NAME
+from vllm_omni.models.transformer import KVLayout
+
+from single_rank import init_single_rank  # beside this script
 
 PAGE = 32
 VOCAB = 64
@@ -58,8 +57,7 @@ class StandIn:
         return PAGE
 
     def kv_layout(self):
-        return SimpleNamespace(num_layers=self.layers, num_kv_heads=1, head_dim=8,
-                               dtype=torch.float32, group=1)
+        return KVLayout(num_layers=self.layers, num_kv_heads=1, head_dim=8, dtype=torch.float32)
 
     def denoise_logits(self, input_ids, positions, plan, rows, shift=True):
         q = torch.zeros(len(input_ids), 1, 8)
@@ -130,13 +128,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=20)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    with socket.socket() as s:  # one rank: the denoiser asks for the TP size
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with set_current_vllm_config(VllmConfig()):
-        init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
-                                     distributed_init_method=f"tcp://127.0.0.1:{port}")
-        initialize_model_parallel(1, 1)
+    init_single_rank()  # the denoiser asks for the TP size
     pages = 2 + max(args.batch) * -(-(args.context + args.block) // PAGE)
     model = StandIn(args.layers, pages)
     budget = max(args.batch) * 2 * args.block

@@ -29,19 +29,18 @@ any would fail.
 import argparse
 import cProfile
 import pstats
-import socket
 import time
-from types import SimpleNamespace
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from vllm import SamplingParams
-from vllm.config import VllmConfig, set_current_vllm_config
-from vllm.distributed import init_distributed_environment, initialize_model_parallel
 
 from vllm_omni.diffusion.denoiser import Denoiser
 from vllm_omni.diffusion.params import resolve_params
 from vllm_omni.models import FAMILIES_BY_NAME
+from vllm_omni.models.transformer import KVLayout
+
+from single_rank import init_single_rank  # beside this script
 
 VOCAB = 16  # small: the arithmetic stays negligible next to dispatching it
 MASK = VOCAB - 1
@@ -64,7 +63,7 @@ class StandIn:
         return PAGE
 
     def kv_layout(self):
-        return SimpleNamespace(num_layers=1, num_kv_heads=1, head_dim=8, dtype=torch.float32)
+        return KVLayout(num_layers=1, num_kv_heads=1, head_dim=8, dtype=torch.float32)
 
     def denoise_logits(self, input_ids, positions, plan, rows, shift=True):
         return self.logits[: len(rows)]
@@ -152,13 +151,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    with socket.socket() as s:  # one rank: the denoiser asks for the TP size
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with set_current_vllm_config(VllmConfig()):
-        init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
-                                     distributed_init_method=f"tcp://127.0.0.1:{port}")
-        initialize_model_parallel(1, 1)
+    init_single_rank()  # the denoiser asks for the TP size
     rows = max(args.batch) * (args.prompt + args.tokens)
     denoiser = Denoiser(StandIn(rows), torch.device("cpu"), token_budget=rows,
                         max_model_len=args.prompt + args.tokens, max_num_seqs=max(args.batch))

@@ -44,7 +44,6 @@ What a family changes (flags of its model class, knobs of its requests):
   mask, ends the block: each step it gets the block's ``RefineState`` and
   sets its ``done`` flag, which the step's one look at the device reads
   with the first masks. The block still goes to the pages only once done.
-
 - Multi-block decoding (``max_blocks_in_flight`` > 1, ``multi_block.py``):
   a request's later blocks are decoded in the same forwards before its
   block is finished, each over the earlier ones' current keys (the key
@@ -151,8 +150,9 @@ class BlockCausalDenoiser:
         """Store every work's blocks and decode the ready ones; returns each
         decoded request's new tokens (the block past its known tokens, at
         most ``max_new``)."""
+        page_size = self.page_size()
         for work in works:
-            if len(work.pages) * self.page_size() < work.store_end:
+            if len(work.pages) * page_size < work.store_end:
                 raise RuntimeError(f"request {work.req_id}: KV pages do not cover its "
                                    f"{work.store_end} stored tokens")
         # A chunk that completes no block leaves nothing to do until more comes.

@@ -65,17 +65,6 @@ class DreamModel(DiffusionLM):
 
     @staticmethod
     def shape_from_config(config) -> TransformerShape:
-        return TransformerShape(
-            hidden_size=config.hidden_size,
-            num_heads=config.num_attention_heads,
-            num_kv_heads=config.num_key_value_heads,
-            num_layers=config.num_hidden_layers,
-            intermediate_size=config.intermediate_size,
-            vocab_size=config.vocab_size,
-            rms_norm_eps=config.rms_norm_eps,
-            rope_theta=config.rope_theta,
-            max_position=config.max_position_embeddings,
-            qkv_bias=True,
-        )
+        return TransformerShape.from_hf_config(config, qkv_bias=True)
 
     map_weight_name = staticmethod(map_qwen_weight_name)

@@ -284,21 +284,10 @@ class LLaDA2MoeModelLM(DiffusionLM):
 
     @staticmethod
     def shape_from_config(config) -> TransformerShape:
-        return TransformerShape(
-            hidden_size=config.hidden_size,
-            num_heads=config.num_attention_heads,
-            num_kv_heads=config.num_key_value_heads,
-            num_layers=config.num_hidden_layers,
-            intermediate_size=config.intermediate_size,
-            vocab_size=config.vocab_size,
-            rms_norm_eps=config.rms_norm_eps,
-            rope_theta=config.rope_theta,
-            max_position=config.max_position_embeddings,
-            qkv_bias=config.use_qkv_bias,
-            qk_norm=config.use_qk_norm,
+        return TransformerShape.from_hf_config(
+            config, qkv_bias=config.use_qkv_bias, qk_norm=config.use_qk_norm,
             explicit_head_dim=config.head_dim,
-            rotary_dim=config.rotary_dim or int(config.head_dim * config.partial_rotary_factor),
-        )
+            rotary_dim=config.rotary_dim or int(config.head_dim * config.partial_rotary_factor))
 
     def make_mlp(self, layer_idx: int, prefix: str) -> nn.Module | None:
         if not self.config.num_experts or layer_idx < self.config.first_k_dense_replace:

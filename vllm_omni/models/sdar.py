@@ -71,20 +71,8 @@ class SDARForCausalLM(DiffusionLM):
 
     @staticmethod
     def shape_from_config(config) -> TransformerShape:
-        return TransformerShape(
-            hidden_size=config.hidden_size,
-            num_heads=config.num_attention_heads,
-            num_kv_heads=config.num_key_value_heads,
-            num_layers=config.num_hidden_layers,
-            intermediate_size=config.intermediate_size,
-            vocab_size=config.vocab_size,
-            rms_norm_eps=config.rms_norm_eps,
-            rope_theta=config.rope_theta,
-            max_position=config.max_position_embeddings,
-            qkv_bias=config.attention_bias,
-            qk_norm=True,
-            explicit_head_dim=config.head_dim,
-        )
+        return TransformerShape.from_hf_config(config, qkv_bias=config.attention_bias,
+                                               qk_norm=True, explicit_head_dim=config.head_dim)
 
     def map_weight_name(self, name: str):
         if name.startswith("lm_head.") and self.config.tie_word_embeddings:

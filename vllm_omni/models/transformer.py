@@ -64,6 +64,17 @@ class TransformerShape:
     # RoPE over the first rotary_dim dims of each head only (LLaDA2: half); None: all.
     rotary_dim: int | None = None
 
+    @classmethod
+    def from_hf_config(cls, config, **family) -> "TransformerShape":
+        """The shape from a Qwen/Llama-style HF config's standard keys; a
+        family gives the rest (``qkv_bias``, ``qk_norm``, ...) in ``family``."""
+        return cls(hidden_size=config.hidden_size, num_heads=config.num_attention_heads,
+                   num_kv_heads=config.num_key_value_heads,
+                   num_layers=config.num_hidden_layers,
+                   intermediate_size=config.intermediate_size, vocab_size=config.vocab_size,
+                   rms_norm_eps=config.rms_norm_eps, rope_theta=config.rope_theta,
+                   max_position=config.max_position_embeddings, **family)
+
     @property
     def head_dim(self) -> int:
         return self.explicit_head_dim or self.hidden_size // self.num_heads
@@ -316,11 +327,7 @@ class DiffusionLM(nn.Module):
     def kv_cache_page_size(self) -> int:
         """Rows per page of the KV cache vLLM bound to the attention layers
         (its layout: ``vllm_omni/kernels/paged_kv.py``; every layer's alike)."""
-        return self.kv_caches()[0].shape[2]
-
-    def kv_caches(self) -> list[torch.Tensor]:
-        """Each layer's KV cache tensor, in layer order."""
-        return [layer.self_attn.attn.kv_cache for layer in self.model.layers]
+        return self.model.layers[0].self_attn.attn.kv_cache.shape[2]
 
     def denoise_logits(
         self,

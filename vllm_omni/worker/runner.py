@@ -42,7 +42,6 @@ from vllm_omni.worker.bookkeeping import commit_block
 class DiffusionRunnerMixin:
     denoiser: Denoiser | BlockCausalDenoiser | None = None
     image_denoiser: ImageDenoiser | None = None
-    _page_ratio: int | None = None  # vLLM's KV block / the kernel's page (_kv_pages)
 
     def load_model(self, *args, **kwargs) -> None:
         super().load_model(*args, **kwargs)
@@ -309,9 +308,7 @@ class DiffusionRunnerMixin:
         """The KV-cache pages of a request's blocks. The attention kernel's
         page may be a fraction of the block vLLM's KV-cache manager hands
         out (vLLM's ``kernel_block_size``): block b is then pages b*r..b*r+r-1."""
-        ratio = self._page_ratio
-        if ratio is None:  # known once vLLM has bound the KV cache
-            ratio = self._page_ratio = self.cache_config.block_size // self.denoiser.page_size()
+        ratio = self.cache_config.block_size // self.denoiser.page_size()
         if ratio == 1:
             return block_ids
         return [b * ratio + j for b in block_ids for j in range(ratio)]
