@@ -131,6 +131,16 @@ def block_causal_forward(model, input_ids, block_length):
         return model.denoise_logits(input_ids.to(device), rows, plan, rows).cpu()
 
 
+def in_lockstep(llm, prompts, sampling_params):
+    """vLLM's offline API for adding a batch before the engine steps: sleep
+    level 0 pauses scheduling and keeps accepting requests; waking resumes it
+    (``docs/architecture/overview.md``, "Arrival skew"). Outputs in order."""
+    llm.sleep(level=0, mode="keep")
+    llm.enqueue(prompts, sampling_params, use_tqdm=False)
+    llm.wake_up(tags=["scheduling"])
+    return llm.wait_for_completion(use_tqdm=False)
+
+
 def start_engine(model: str, **kwargs):
     from vllm import LLM
 

@@ -9,7 +9,7 @@ import random
 import pytest
 from vllm import SamplingParams
 
-from conftest import ASSETS, start_engine
+from conftest import ASSETS, in_lockstep, start_engine
 
 BATCH, PROMPT, GEN, BLOCK = 16, 32, 128, 32
 BLOCKS = GEN // BLOCK
@@ -37,15 +37,6 @@ def params(steps_per_block: int) -> SamplingParams:
     # No threshold: every block takes exactly its steps (forwards).
     return SamplingParams(temperature=0, max_tokens=GEN, ignore_eos=True,
                           extra_args={"block_length": BLOCK, "steps": BLOCKS * steps_per_block})
-
-
-def in_lockstep(llm, prompts, sp):
-    """vLLM's offline API for adding a batch before the engine steps: sleep
-    level 0 pauses scheduling and keeps accepting requests; waking resumes it."""
-    llm.sleep(level=0, mode="keep")
-    llm.enqueue(prompts, sp, use_tqdm=False)
-    llm.wake_up(tags=["scheduling"])
-    return llm.wait_for_completion(use_tqdm=False)
 
 
 def measured(llm, run):
