@@ -11,6 +11,13 @@
 #                                               # prompts; speed next to bf16 at batch 1 and 32
 #   bash benchmarks/h100_speed_suite.sh kernel  # attention: split keys against one program
 #                                               # per tile, batch 1, prefixes 128 to 3072
+#   bash benchmarks/h100_speed_suite.sh tests   # the golden and kernel tests on the GPU
+#                                               # (VLLM_OMNI_GOLDEN: the golden folder)
+#   bash benchmarks/h100_speed_suite.sh profile # where a batch-1 step's time goes, at
+#                                               # prompt 128 / gen 256 and 3072 / 512
+#   bash benchmarks/h100_speed_suite.sh ref     # the official generate (.refcode, see
+#                                               # benchmarks/reference_hf.py) and our exact
+#                                               # mode, batch 1, k = 1, 2, 4
 #
 # vLLM on the device: the bundle of ../shared/gpu/ (scripts/gpu_bundle_split.sh
 # gives the calls).
@@ -27,7 +34,7 @@ bench() {  # name, limit, throughput.py arguments...
   grep -E "^\{|Error|error" "$RUN/logs/$name.log" | tail -24 | tee -a "$LOG"
 }
 LLADA="$MODELS/llada-8b-shape"
-case "${1:?part: llada | long | dream | fp8 | kernel}" in
+case "${1:?part: llada | long | dream | fp8 | kernel | tests | profile | ref}" in
 llada) bench llada 560 --model "$LLADA" --batch 1 8 32 --modes none dual --tokens-per-step 1 2 4 ;;
 long)
   for pg in "128 256" "1024 256" "1024 1024" "3072 512"; do
@@ -37,7 +44,7 @@ long)
   done
   ;;
 dream) bench dream 560 --model "$MODELS/dream-7b-shape" --batch 32 64 --modes none dual \
-  --tokens-per-step 1 2 4 --no-ar ;;
+  --tokens-per-step 1 2 4 --no-ar --max-seconds-per-row 30 ;;
 fp8)
   step fp8_agreement 200 python3 benchmarks/fp8_agreement.py --json "$OUT/fp8_agreement.json"
   grep -E "^\{|Error|error" "$RUN/logs/fp8_agreement.log" | tail -4 | tee -a "$LOG"
@@ -53,6 +60,26 @@ kernel)
       128,1024,3072 --splits auto,1,2,4,8,16 $extra 2>&1 | tail -24
   done > "$RUN/logs/kernel.log"
   cat "$RUN/logs/kernel.log" | tee -a "$LOG"
+  ;;
+tests)
+  step tests 540 python3 -m pytest -q -p no:cacheprovider tests/test_attention_kernel.py \
+    tests/test_llada_golden.py tests/test_dream_golden.py tests/test_dream_commit.py
+  tail -4 "$RUN/logs/tests.log" | tee -a "$LOG"
+  ;;
+profile)
+  step profile 560 python3 benchmarks/profile_denoise.py --model "$LLADA" \
+    --shapes 128/256 3072/512 --runs dual:4 none:4
+  grep -E "=====|^request|^step|^cached|^refresh|^exact|^interval" "$RUN/logs/profile.log" \
+    | tee -a "$LOG"
+  cp "$RUN/logs/profile.log" "$OUT/profile.log"
+  ;;
+ref)
+  python3 -m pip install -q --no-deps --no-index --target "$HOME/.cache/ref-site" .refcode/wheels/*.whl
+  step ref_llada 300 env PYTHONPATH="$HOME/.cache/ref-site" python3 benchmarks/reference_hf.py \
+    --ref-code .refcode --model .refcode/models/llada-8b-shape --impls llada/generate \
+    --tokens-per-step 1 2 4 --json "$OUT/llada_reference.json"
+  tail -5 "$RUN/logs/ref_llada.log" | tee -a "$LOG"
+  bench exact 200 --model "$LLADA" --batch 1 --modes none --tokens-per-step 1 2 4 --no-ar
   ;;
 esac
 cp "$LOG" "$OUT/suite-$1.log"

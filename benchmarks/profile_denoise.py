@@ -1,7 +1,7 @@
 """Where a batch-1 diffusion request's time goes, step by step (torch profiler).
 
     python benchmarks/profile_denoise.py --model ../shared/models/llada-8b-shape \
-        --runs dual:1 dual:4 none:4 --trace-dir /tmp/traces
+        --shapes 128/256 3072/512 --runs dual:1 dual:4 none:4 --trace-dir /tmp/traces
 
 The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so the
 profiler sees the model runner. For each ``mode:k`` run (after one untimed
@@ -12,7 +12,9 @@ warm-up request) it prints:
   prefix/dual caches; ``cached``: the block's later steps; ``exact``): count,
   mean interval from one step's start to the next's, and the GPU's busy time
   inside it (kernels, graph replays included). Interval minus busy is where
-  the GPU waited on the host;
+  the GPU waited on the host. A whole-canvas step (refresh, exact) also shows
+  its share of the bf16 peak over its GPU busy time (FLOPs as
+  ``throughput.py``'s ``denoise_flops`` counts them);
 - the top GPU kernels and the top host-side operators.
 Step boundaries come from ``record_function`` ranges this script wraps around
 our own ``Denoiser`` methods (not vLLM's); nothing is patched in vLLM.
@@ -21,6 +23,8 @@ our own ``Denoiser`` methods (not vLLM's); nothing is patched in vLLM.
 import argparse
 import functools
 import gzip
+import itertools
+import json
 import os
 import shutil
 import time
@@ -60,7 +64,19 @@ def busy_us(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def analyse(prof, wall_s: float) -> None:
+def canvas_tflop(config: dict, length: int, block: int) -> float:
+    """TFLOPs of one whole-canvas forward of ``length`` tokens (its logits:
+    one block's rows), counted as ``throughput.denoise_flops`` does."""
+    from throughput import model_shape
+    s = model_shape(config)
+    h, layers = s["hidden"], s["layers"]
+    kv_dim = s["kv_heads"] * h // s["heads"]
+    per_token = 2 * layers * (2 * h * h + 2 * h * kv_dim + 3 * h * s["mlp"])
+    return (length * per_token + 4 * length * length * h * layers
+            + 2 * block * h * s["vocab"]) / 1e12
+
+
+def analyse(prof, wall_s: float, canvas_tflops: float, peak: float) -> None:
     events = prof.events()
     # A record_function range shows twice: on the host and as a GPU annotation.
     steps = sorted((e.time_range.start, e.name[5:]) for e in events
@@ -92,8 +108,11 @@ def analyse(prof, wall_s: float) -> None:
     print(f"request wall {wall_s * 1e3:.1f} ms; from first step to last kernel {span * 1e3:.1f} ms")
     print(f"{'step':<9}{'count':>6}{'interval ms':>13}{'GPU busy ms':>13}{'GPU idle ms':>13}")
     for kind, (n, interval, busy) in sorted(per_kind.items()):
+        share = ""
+        if kind in ("refresh", "exact") and busy > 0:
+            share = f"   {canvas_tflops / (busy / n / 1e6) / peak:.1%} of bf16 peak while busy"
         print(f"{kind:<9}{n:>6}{interval / n / 1e3:>13.3f}{busy / n / 1e3:>13.3f}"
-              f"{(interval - busy) / n / 1e3:>13.3f}")
+              f"{(interval - busy) / n / 1e3:>13.3f}{share}")
     gaps = [steps[i + 1][0] - steps[i][0] for i in range(len(steps) - 1)
             if steps[i + 1][1] == "refresh"]
     if gaps:
@@ -109,8 +128,9 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--runs", nargs="+", default=["dual:1", "dual:4", "none:4"],
                     help="mode:k pairs (mode: none, prefix, dual)")
-    ap.add_argument("--prompt", type=int, default=128)
-    ap.add_argument("--gen", type=int, default=256)
+    ap.add_argument("--shapes", nargs="+", default=["128/256"],
+                    help="prompt/gen pairs, each profiled with every run")
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="H100 SXM dense bf16")
     ap.add_argument("--block", type=int, default=32)
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
@@ -124,18 +144,21 @@ def main() -> None:
     from vllm_omni.worker import WORKER_CLS
 
     label_steps()
-    canvas = -(-args.gen // args.block) * args.block
+    shapes = [tuple(map(int, s.split("/"))) for s in args.shapes]
+    canvas = lambda gen: -(-gen // args.block) * args.block
     llm = LLM(model=args.model, load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
-              max_model_len=args.prompt + canvas + 64, seed=0, enforce_eager=args.eager,
+              max_model_len=max(p + canvas(g) for p, g in shapes) + 64, seed=0,
+              enforce_eager=args.eager,
               worker_cls=WORKER_CLS,
               gpu_memory_utilization=args.gpu_memory_utilization)
     vocab = llm.llm_engine.model_config.get_vocab_size()
-    prompt = {"prompt_token_ids":
-              np.random.default_rng(0).integers(100, vocab - 1000, args.prompt).tolist()}
-    for run in args.runs:
+    config = json.loads(open(os.path.join(args.model, "config.json")).read())
+    for (length, gen), run in itertools.product(shapes, args.runs):
+        prompt = {"prompt_token_ids":
+                  np.random.default_rng(0).integers(100, vocab - 1000, length).tolist()}
         mode, k = run.split(":")
-        sp = SamplingParams(temperature=0, max_tokens=args.gen, ignore_eos=True, extra_args={
-            "block_length": args.block, "steps": canvas // int(k), "cache": mode})
+        sp = SamplingParams(temperature=0, max_tokens=gen, ignore_eos=True, extra_args={
+            "block_length": args.block, "steps": canvas(gen) // int(k), "cache": mode})
         llm.generate([prompt], sp, use_tqdm=False)  # warm-up: compiles, graph captures
         llm.collective_rpc("diffusion_step_stats", kwargs={"reset": True})
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
@@ -144,13 +167,14 @@ def main() -> None:
             llm.generate([prompt], sp, use_tqdm=False)
             wall = time.perf_counter() - t
         stats = llm.collective_rpc("diffusion_step_stats")[0]
-        print(f"\n===== {mode} k={k}: {args.gen / wall:.1f} tok/s; denoiser steps "
+        print(f"\n===== prompt {length} gen {gen}, {mode} k={k}: {gen / wall:.1f} tok/s; denoiser steps "
               f"{stats['steps']} ({stats['graph_steps']} graphed), their wall "
               f"{stats['wall_s'] * 1e3:.1f} ms of {wall * 1e3:.1f} ms")
-        analyse(prof, wall)
+        analyse(prof, wall, canvas_tflop(config, length + canvas(gen), args.block),
+                args.peak_tflops)
         if args.trace_dir:
             os.makedirs(args.trace_dir, exist_ok=True)
-            path = os.path.join(args.trace_dir, f"{mode}_k{k}.json")
+            path = os.path.join(args.trace_dir, f"p{length}_g{gen}_{mode}_k{k}.json")
             prof.export_chrome_trace(path)
             with open(path, "rb") as f, gzip.open(path + ".gz", "wb") as g:
                 shutil.copyfileobj(f, g)
