@@ -41,3 +41,39 @@ def test_forward_matches_official_logits(family, request):
     assert (logits - want).abs().max().item() < 1e-4
     assert ((logits - want).norm() / want.norm()).item() < 1e-5
     assert torch.equal(logits.argmax(-1), want.argmax(-1))
+
+
+def _pruned_and_full_logits(model, rows):
+    """Logits of packed query rows ``rows`` (before ``logit_shift``) of two
+    canvases, stacked: through ``denoise_logits`` (the last layer's MLP on
+    those rows only), and through the whole stack's every row, indexed
+    afterwards."""
+    from vllm_omni.models.attention_plan import AttentionPlan, SequencePlan
+
+    device = next(model.parameters()).device
+    lens = [40, 24]
+    ids = torch.randint(0, model.shape.vocab_size, (sum(lens),),
+                        generator=torch.Generator().manual_seed(0))
+    ids[48:56] = model.mask_token_id  # a masked block in the second canvas
+    ids, rows = ids.to(device), rows.to(device)
+    positions = torch.cat([torch.arange(n) for n in lens]).to(device)
+    seqs = [SequencePlan(n, 0, n) for n in lens]
+    with torch.inference_mode():
+        plan = AttentionPlan(seqs, model.kv_cache_page_size(), device)
+        pruned = model.denoise_logits(ids, positions, plan, rows)
+        hidden = model.model(ids, positions, plan)
+        full = model.compute_logits(hidden[rows - model.logit_shift])
+        # No rows: the whole stack runs (it stores keys), no logits.
+        assert model.denoise_logits(ids, positions, plan, rows[:0]) is None
+    return torch.stack([pruned, full]).cpu()
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_pruned_last_layer_matches_full_forward(family, request):
+    # The second canvas's block, then rows out of order, a repeat and the
+    # first canvas's: a wrong row or order would change the logits.
+    rows = torch.tensor([*range(48, 56), 63, 5, 5, 40, 1])
+    llm = request.getfixturevalue(f"{family}_llm")
+    ((pruned, full),) = llm.apply_model(partial(_pruned_and_full_logits, rows=rows))
+    assert pruned.shape == (len(rows), full.shape[-1])
+    torch.testing.assert_close(pruned, full, rtol=1e-5, atol=1e-5)

@@ -224,7 +224,7 @@ class DecoderLayer(nn.Module):
         self.mlp = mlp if mlp is not None else SwiGLU(shape, f"{prefix}.mlp",
                                                       vllm_config.quant_config)
 
-    def forward(self, positions, hidden_states, residual, plan):
+    def forward(self, positions, hidden_states, residual, plan, keep=None):
         # Pre-norm residual blocks with each residual add fused into the next
         # norm (vLLM's RMSNorm(x, residual)): one kernel instead of two, the
         # same float32 arithmetic (the add, then the norm of the sum). The
@@ -235,6 +235,8 @@ class DecoderLayer(nn.Module):
         else:
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
         hidden_states = self.self_attn(positions, hidden_states, plan)
+        if keep is not None:  # only these rows from here on (the stack's forward says why)
+            hidden_states, residual = hidden_states[keep], residual[keep]
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual
 
@@ -255,10 +257,18 @@ class BidirectionalTransformer(nn.Module):
         )
         self.norm = RMSNorm(shape.hidden_size, eps=shape.rms_norm_eps)
 
-    def forward(self, input_ids, positions, plan: AttentionPlan | None):
+    def forward(self, input_ids, positions, plan: AttentionPlan | None, keep_rows=None):
+        """The final hidden states of every row, or of rows ``keep_rows`` (in
+        that order). Past the last layer's attention no row reads another, so
+        its post-attention norm, MLP and the final norm run on the kept rows
+        only: the LM head's rows, e.g. a block's 32 of a 384-token exact-mode
+        canvas. Every row still runs every attention, whose plan writes (or
+        caches) every row's keys and values."""
         hidden_states, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
-            hidden_states, residual = layer(positions, hidden_states, residual, plan)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            hidden_states, residual = layer(positions, hidden_states, residual, plan,
+                                            keep_rows if i == last else None)
         return self.norm(hidden_states, residual)[0]
 
 
@@ -341,10 +351,11 @@ class DiffusionLM(nn.Module):
         the rows they are read from go through the LM head (none: a forward
         that only stores keys, which returns None). ``shift=False``: ``rows``
         are the rows to read (the caller applied ``logit_shift``)."""
-        hidden = self.model(input_ids, positions, plan)
         if rows.numel() == 0:
+            self.model(input_ids, positions, plan)  # its attention writes the keys
             return None
-        return self.compute_logits(hidden[rows - self.logit_shift if shift else rows])
+        keep = rows - self.logit_shift if shift else rows
+        return self.compute_logits(self.model(input_ids, positions, plan, keep_rows=keep))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return load_mapped_weights(self, weights, self.map_weight_name, self.__class__.__name__)
