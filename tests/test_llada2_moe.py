@@ -48,6 +48,9 @@ def build(config, layer: int, prefix: str, tensors: dict, processed: bool) -> LL
     return moe
 
 
+# On CUDA vLLM's fused layer is TF32, nothing to compare at this bound; there the
+# plain path meets the official logits (test_llada2_golden's forward test).
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the fused layer is true float32 on CPU only")
 @pytest.mark.parametrize("layer", [1, 2])  # the tiny checkpoint's MoE layers
 def test_plain_experts_match_vllms_fused_layer(single_rank, layer):
     config = LLaDA2MoeConfig.from_pretrained(str(TINY))
