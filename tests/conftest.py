@@ -15,6 +15,12 @@ os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# On a GPU, engines start in spawned processes: forking the test process once
+# an engine's threads run in it can deadlock the child (seen on an H100: the
+# second LLaDA2 engine of a module never came up). On CPU fork has been fine.
+if torch.cuda.is_available():
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+
 from vllm_omni.worker import WORKER_CLS as WORKER  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
