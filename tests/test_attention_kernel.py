@@ -24,6 +24,10 @@ KV-cached denoising modes: q rows packed by ``lens``, k/v rows of sequence i
 with NaN rows between sequences, so reading any row outside a sequence's keys
 poisons the output.
 
+The ``rope`` cases check ``triton_rope.py`` (RoPE fused with the key arena's
+write) against its reference, vLLM's ``forward_native`` and, on CUDA, vLLM's
+own kernel; ``_plan_forward`` runs it inside an arena plan.
+
 The interpreter cannot run ``tl.dot`` on bfloat16 (it keeps bf16 as uint16 and
 multiplies the bit patterns; Triton's debugging guide lists bf16 as
 unsupported, triton-lang/triton#11584), and it truncates fp32 -> bf16 casts
@@ -619,6 +623,227 @@ def _merge(device):
 
 
 
+# RoPE fused with the key arena's write (``kernels/triton_rope.py``), against
+# its reference and against what it replaces: vLLM's RoPE then two index
+# copies. q, k, v are views of one qkv tensor as in the model; the arena's
+# rows are NaN but those the tokens write; ``pad`` padding tokens (a CUDA
+# graph's: position 0, the arena's spare row) follow the real ones.
+def _rope_case(name, tokens, heads, kv_heads, head_dim, rotary_dim, dtype, pad=0):
+    return dict(name=name, tokens=tokens, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                rotary_dim=rotary_dim, dtype=dtype, pad=pad)
+
+
+ROPE_SMALL = [
+    _rope_case("rope-mha-fp32-d128", 7, 4, 4, 128, 128, "fp32"),
+    _rope_case("rope-gqa4-bf16-d64", 5, 8, 2, 64, 64, "bf16"),
+    # LLaDA2: RoPE over half of each head.
+    _rope_case("rope-partial-gqa2-fp32-d128", 6, 4, 2, 128, 64, "fp32"),
+    _rope_case("rope-partial-bf16-d64", 4, 2, 2, 64, 32, "bf16"),
+    # 20 query heads: two head blocks of 16, the second mostly masked.
+    _rope_case("rope-padded-gqa5-fp32-d128", 5, 20, 4, 128, 128, "fp32", pad=3),
+    _rope_case("rope-padded-partial-bf16-d128", 3, 4, 4, 128, 64, "bf16", pad=2),
+    _rope_case("rope-padded-partial-gqa2-fp32-d64", 3, 4, 2, 64, 32, "fp32", pad=1),
+    _rope_case("rope-d16-fp32", 3, 2, 1, 16, 16, "fp32"),
+]
+ROPE_LARGE = [  # LLaDA-8B's heads (a block step, padded as a graph pads); partial RoPE, GQA
+    _rope_case("gpu-rope-llada-bf16-d128", 32, 32, 32, 128, 128, "bf16", pad=32),
+    _rope_case("gpu-rope-llada-fp32-d128", 32, 32, 32, 128, 128, "fp32", pad=32),
+    _rope_case("gpu-rope-llada2-bf16-d128", 200, 16, 4, 128, 64, "bf16", pad=56),
+    _rope_case("gpu-rope-llada2-fp32-d128", 200, 16, 4, 128, 64, "fp32"),
+]
+ROPE_CASES = ROPE_SMALL + (ROPE_LARGE if ON_CUDA else [])
+ROPE_MAX_POSITION = 4096
+
+
+def _rotary_embedding(head_dim, rotary_dim, dtype, base=10000.0):
+    """vLLM's RoPE as ``DenoiseAttention`` builds it (``get_rope``: neox,
+    cache in the model dtype)."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding
+
+    with set_current_vllm_config(VllmConfig()):
+        return RotaryEmbedding(head_dim, rotary_dim, ROPE_MAX_POSITION, base, True, dtype)
+
+
+def _rope_inputs(case, device):
+    """(qkv [tokens + pad, (heads + 2 kv_heads) * head_dim], positions, arena
+    rows, arena k, arena v); the arenas' last row is the spare row."""
+    gen = torch.Generator().manual_seed(zlib.crc32(case["name"].encode()))
+    t, pad, kh, d = case["tokens"], case["pad"], case["kv_heads"], case["head_dim"]
+    dtype = DTYPES[case["dtype"]]
+    width = (case["heads"] + 2 * kh) * d
+    qkv = (torch.randn(t + pad, width, generator=gen) * 2).to(device, dtype)
+    arena_rows = 3 * t + 5
+    rows = torch.cat([torch.randperm(arena_rows, generator=gen)[:t],
+                      torch.full((pad,), arena_rows)]).to(device)
+    positions = torch.cat([torch.randint(1, ROPE_MAX_POSITION, (t,), generator=gen),
+                           torch.zeros(pad, dtype=torch.long)]).to(device)
+    arena = torch.full((arena_rows + 1, kh, d), float("nan"), dtype=dtype, device=device)
+    return qkv, positions, rows, arena, arena.clone()
+
+
+def _split_qkv(qkv, case):
+    """q, k, v [tokens, heads, head_dim]: strided views of ``qkv``."""
+    h, kh, d = case["heads"], case["kv_heads"], case["head_dim"]
+    q, k, v = qkv.split([h * d, kh * d, kh * d], dim=-1)
+    return q.view(-1, h, d), k.view(-1, kh, d), v.view(-1, kh, d)
+
+
+def _max_diff(a, b) -> float:
+    """Largest |a - b|; inf where only one of them is NaN."""
+    a, b = a.double(), b.double()
+    if not torch.equal(a.isnan(), b.isnan()):
+        return float("inf")
+    return (a - b).nan_to_num(0.0).abs().max().item()
+
+
+def run_rope_case(case, device):
+    """The kernel's qkv and arena against the reference's and vLLM's: largest
+    differences (the spare row aside: padding tokens race for it) and the
+    largest value compared, per path."""
+    from vllm_omni.kernels.reference import rope_store_reference
+    from vllm_omni.kernels.triton_rope import rope_store_triton
+
+    h, kh, d = case["heads"], case["kv_heads"], case["head_dim"]
+    dtype = DTYPES[case["dtype"]]
+    rotary = _rotary_embedding(d, case["rotary_dim"], dtype).to(device)
+    qkv0, positions, rows, ak0, av0 = _rope_inputs(case, device)
+
+    def fused(fn):
+        qkv, ak, av = qkv0.clone(), ak0.clone(), av0.clone()
+        fn(positions, *_split_qkv(qkv, case), rotary.cos_sin_cache, rows, ak, av)
+        return qkv, ak, av
+
+    def vllm(method):  # vLLM's RoPE on the model's 2-D q and k, then the index copies
+        qkv, ak, av = qkv0.clone(), ak0.clone(), av0.clone()
+        q, k = qkv[:, : h * d], qkv[:, h * d : (h + kh) * d]
+        q2, k2 = method(positions, q, k)
+        q.copy_(q2)
+        k.copy_(k2)
+        _, k3, v3 = _split_qkv(qkv, case)
+        ak.index_copy_(0, rows, k3)
+        av.index_copy_(0, rows, v3)
+        return qkv, ak, av
+
+    got = fused(rope_store_triton)
+    others = {"reference": fused(rope_store_reference), "native": vllm(rotary.forward_native)}
+    if device == "cuda":  # vLLM's CUDA kernel, what the engine ran before
+        others["cuda"] = vllm(rotary.forward_cuda)
+    spare = len(ak0) - 1
+    res = {"spare_written": bool(case["pad"] == 0 or got[1][spare].isfinite().all())}
+    for name, want in others.items():
+        res[name] = [(_max_diff(g[:spare] if i else g, w[:spare] if i else w),
+                      w[:spare].nan_to_num(0.0).abs().max().item() if i else w.abs().max().item())
+                     for i, (g, w) in enumerate(zip(got, want))]
+    # Every value the kernel writes moved (RoPE rotated q and k, the arena was NaN).
+    res["qkv_changed"] = not torch.equal(got[0], qkv0)
+    return res
+
+
+# Largest difference allowed, in units of the largest value compared: exact
+# where the arithmetic is the same (the interpreter has no FMA), else what
+# roundings allow (FMA on the GPU: ~1 fp32 ulp; bf16: an ulp of the result;
+# forward_native's bf16 products rounded first: two).
+def _rope_tolerance(other, dtype, device):
+    if device == "cpu":
+        return 0.0 if other == "reference" or dtype == "fp32" else 2**-6
+    if dtype == "fp32":
+        return 0.0 if other == "cuda" else 2**-21
+    return 2**-7 if other == "reference" else 2**-6
+
+
+def _check_rope(case, res, device, others=("reference", "native")):
+    assert res["spare_written"], "padding rows left the spare row unwritten"
+    assert res["qkv_changed"], "q and k unrotated"
+    for other in others:
+        tol = _rope_tolerance(other, case["dtype"], device)
+        for part, (diff, scale) in zip(("qkv", "arena k", "arena v"), res[other]):
+            assert diff <= tol * scale, (other, part, diff, scale)
+
+
+@pytest.mark.parametrize("case", ROPE_CASES, ids=[c["name"] for c in ROPE_CASES])
+def test_rope_store_matches_reference_and_vllm(case, request):
+    if ON_CUDA:
+        res = run_rope_case(case, "cuda")
+    else:
+        res = request.getfixturevalue("interpreted")[case["name"]]
+        assert "error" not in res, res.get("error")
+    _check_rope(case, res, "cuda" if ON_CUDA else "cpu")
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="needs CUDA (vLLM's kernel)")
+@pytest.mark.parametrize("case", ROPE_CASES, ids=[c["name"] for c in ROPE_CASES])
+def test_rope_store_matches_vllms_cuda_kernel(case):
+    """What the engine ran before: float32 bit for bit (the golden runs stay
+    token-exact), bf16 within roundings."""
+    _check_rope(case, run_rope_case(case, "cuda"), "cuda", others=("cuda",))
+
+
+def test_rope_store_dispatch():
+    """Off CUDA ``kernels.rope_store`` is the reference, bit for bit."""
+    from vllm_omni.kernels import rope_store
+    from vllm_omni.kernels.reference import rope_store_reference
+
+    case = ROPE_SMALL[4]
+    rotary = _rotary_embedding(case["head_dim"], case["rotary_dim"], torch.float32)
+    outs = []
+    for fn in (rope_store, rope_store_reference):
+        qkv, positions, rows, ak, av = _rope_inputs(case, "cpu")
+        fn(positions, *_split_qkv(qkv, case), rotary.cos_sin_cache, rows, ak, av)
+        outs.append((qkv, ak[:-1], av[:-1]))
+    for a, b in zip(*outs):
+        assert _max_diff(a, b) == 0.0
+
+
+def _plan_forward(device, fused: bool):
+    """One layer's attention through an arena plan (a dual-cache refresh
+    writing its prefix to the pages, and another request's block step over
+    its pages and arena rows), RoPE fused into the plan or vLLM's first.
+    Returns (output, kv cache, arena k, arena v)."""
+    from vllm_omni.models.attention_plan import AttentionPlan, KeyArena, SequencePlan
+
+    h, kh, d, page = 4, 2, 64, 16
+    gen = torch.Generator().manual_seed(11)
+    rand = lambda *shape: torch.randn(*shape, generator=gen).to(device)  # noqa: E731
+    arena = KeyArena(2, 128, kh, d, torch.float32, device)
+    arena.k.copy_(rand(*arena.k.shape))
+    arena.v.copy_(rand(*arena.v.shape))
+    kv_cache = rand(8, kh, page, 2 * d)
+    seqs = [SequencePlan(48, 0, 48, pages=[1, 2, 3], write=(0, 16), keys_end=48),
+            SequencePlan(40, 16, 24, pages=[4, 5, 6], keys_end=40, arena_start=64,
+                         keys_start=16)]
+    plan = AttentionPlan(seqs, page, torch.device(device), arena=arena)
+    positions = torch.cat([torch.arange(48), torch.arange(16, 24)]).to(device)
+    qkv = rand(56, (h + 2 * kh) * d)
+    q, k, v = qkv.split([h * d, kh * d, kh * d], dim=-1)
+    rotary = _rotary_embedding(d, d // 2, torch.float32).to(device)
+    assert plan.fuses_rope(q) == (device == "cuda")
+    rope = None
+    if fused:
+        rope = (rotary, positions)
+    else:
+        q, k = rotary.forward_native(positions, q, k)
+    out = plan.attend(1, q.view(-1, h, d), k.view(-1, kh, d), v.view(-1, kh, d), 0.125,
+                      kv_cache, rope)
+    return out, kv_cache, arena.k, arena.v
+
+
+def test_plan_with_fused_rope_equals_rope_then_plan():
+    """The plan's fused path (the reference off CUDA, the kernel on it) gives
+    what vLLM's RoPE before the plan gives: output, page writes (rotated
+    keys) and arena, padding of the query rows aside (none here)."""
+    device = "cuda" if ON_CUDA else "cpu"
+    got, want = _plan_forward(device, True), _plan_forward(device, False)
+    tol = 0.0 if device == "cpu" else 1e-5
+    for name, a, b in zip(("out", "kv cache", "arena k", "arena v"), got, want):
+        assert _max_diff(a, b) <= tol, name
+    # The plan without an arena never fuses.
+    from vllm_omni.models.attention_plan import AttentionPlan, SequencePlan
+
+    plain = AttentionPlan([SequencePlan(8, 0, 8)], 16, torch.device(device))
+    assert not plain.fuses_rope(torch.zeros(1, device=device))
+
+
 def _patch_interpreter_bf16():
     import numpy as np
     import triton.language as tl
@@ -660,4 +885,9 @@ if __name__ == "__main__" and sys.argv[1:] == ["--interpret"]:
     for name in PREBUILT:
         results[name] = _prebuilt_tiles("cpu", name)
     results["merge"] = _merge("cpu")
+    for c in ROPE_SMALL:
+        try:
+            results[c["name"]] = run_rope_case(c, "cpu")
+        except Exception as e:  # reported per case by the parent
+            results[c["name"]] = {"error": f"{type(e).__name__}: {e}"}
     print(json.dumps(results))

@@ -7,8 +7,9 @@ paged KV cache (``paged_kv.py``).
 
 ``bidirectional_attention`` runs the Triton kernel in ``triton_attention.py``
 for CUDA tensors and the plain PyTorch reference in ``reference.py``
-otherwise. Triton is imported only on the CUDA path, so CPU-only installs
-without a working Triton still import this package.
+otherwise; so does ``rope_store`` (``triton_rope.py``: RoPE fused with the
+key arena's write). Triton is imported only on the CUDA path, so CPU-only
+installs without a working Triton still import this package.
 """
 
 from vllm_omni.kernels.paged_kv import PagedPrefix
@@ -17,10 +18,11 @@ from vllm_omni.kernels.reference import (
     attention_with_tiles_reference,
     bidirectional_attention_reference,
     long_tiles,
+    rope_store_reference,
 )
 
 __all__ = ["SequenceBatch", "attention_with_tiles", "bidirectional_attention", "long_tiles",
-           "tile_block_m", "tile_splits"]
+           "rope_store", "tile_block_m", "tile_splits"]
 
 
 def bidirectional_attention(q, k, v, batch: SequenceBatch, scale: float,
@@ -45,6 +47,20 @@ def attention_with_tiles(q, k, v, tiles, scale: float, kv_cache, block_table,
         return paged_attention_with_tiles(q, k, v, tiles, scale, kv_cache, block_table, long,
                                           splits)
     return attention_with_tiles_reference(q, k, v, tiles, scale, kv_cache, block_table)
+
+
+def rope_store(positions, q, k, v, cos_sin_cache, rows, arena_k, arena_v) -> None:
+    """vLLM's neox RoPE on q [tokens, heads, head_dim] and k in place (the
+    first ``cos_sin_cache.shape[1]`` dims of each head, cos and sin of
+    ``positions`` from vLLM's ``cos_sin_cache``), then token t's k and v into
+    row ``rows[t]`` of ``arena_k`` / ``arena_v``: one kernel on CUDA, where
+    it replaces vLLM's RoPE and two index copies per layer
+    (``docs/architecture/overview.md``, the key arena)."""
+    if q.is_cuda:
+        from vllm_omni.kernels.triton_rope import rope_store_triton
+
+        return rope_store_triton(positions, q, k, v, cos_sin_cache, rows, arena_k, arena_v)
+    return rope_store_reference(positions, q, k, v, cos_sin_cache, rows, arena_k, arena_v)
 
 
 def tile_block_m(head_dim: int, dtype, device, long: bool = False, group: int = 1) -> int:

@@ -125,3 +125,16 @@ def attention_with_tiles_reference(q, k, v, tiles, scale, kv_cache, block_table)
         vi = vi.transpose(0, 1).repeat_interleave(group, dim=0)
         out[start : start + n] = F.scaled_dot_product_attention(qi, ki, vi, scale=scale).transpose(0, 1)
     return out
+
+
+def rope_store_reference(positions, q, k, v, cos_sin_cache, rows, arena_k, arena_v) -> None:
+    """What ``triton_rope``'s kernel computes (its docstring has the
+    contract): q and k rotated in place by vLLM's neox RoPE, in float32 with
+    one rounding, as vLLM's CUDA kernel; then k and v rows into the arena."""
+    half = cos_sin_cache.shape[1] // 2
+    cos, sin = cos_sin_cache.index_select(0, positions).float()[:, None].split(half, dim=-1)
+    for x in (q, k):
+        x1, x2 = x[..., :half].float(), x[..., half : 2 * half].float()
+        x[..., : 2 * half] = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
+    arena_k.index_copy_(0, rows, k)
+    arena_v.index_copy_(0, rows, v)

@@ -42,7 +42,8 @@ from itertools import chain
 import numpy as np
 import torch
 
-from vllm_omni.kernels import attention_with_tiles, long_tiles, tile_block_m, tile_splits
+from vllm_omni.kernels import (
+    attention_with_tiles, long_tiles, rope_store, tile_block_m, tile_splits)
 from vllm_omni.kernels.paged_kv import write_pages
 
 
@@ -203,14 +204,32 @@ class PlanTensors:
     long: bool  # the tiles are the long-sequence ones
     splits: int = 1  # key splits per tile (``kernels.tile_splits``)
 
-    def attend(self, layer: int, q, k, v, scale: float, kv_cache: torch.Tensor) -> torch.Tensor:
-        if len(self.write_rows):
+    def fuses_rope(self, q: torch.Tensor) -> bool:
+        """Whether ``attend`` takes q and k before RoPE (its ``rope``): with
+        the key arena on CUDA, one kernel rotates them and writes the arena
+        (``kernels.rope_store``), where vLLM's RoPE and two index copies
+        would be three launches per layer."""
+        return self.arena is not None and q.is_cuda
+
+    def attend(self, layer: int, q, k, v, scale: float, kv_cache: torch.Tensor,
+               rope=None) -> torch.Tensor:
+        """``rope``: (vLLM's rotary embedding, positions) when q and k come
+        unrotated (``fuses_rope``; needs the arena); they are rotated in place."""
+        if rope is not None:
+            rotary_emb, positions = rope
+            assert rotary_emb.is_neox_style
+            # vLLM's RoPE rotates with its cache in q's dtype (already so,
+            # from the model's dtype: no copy).
+            rope_store(positions, q, k, v, rotary_emb.cos_sin_cache.to(q.dtype), self.rows,
+                       self.arena.k[layer], self.arena.v[layer])
+        if len(self.write_rows):  # k rotated by now, in either path
             write_pages(kv_cache, (self.write_pages, self.write_offsets),
                         k[self.write_rows], v[self.write_rows])
         if self.arena is not None:
             arena_k, arena_v = self.arena.k[layer], self.arena.v[layer]
-            arena_k.index_copy_(0, self.rows, k)
-            arena_v.index_copy_(0, self.rows, v)
+            if rope is None:
+                arena_k.index_copy_(0, self.rows, k)
+                arena_v.index_copy_(0, self.rows, v)
             k, v = arena_k, arena_v
         return attention_with_tiles(q, k, v, self.tiles, scale, kv_cache, self.block_table,
                                     self.long, self.splits)
@@ -285,10 +304,15 @@ class AttentionPlan:
             self._tensors = ((block_m, splits), tensors)
         return self._tensors[1]
 
-    def attend(self, layer: int, q, k, v, scale: float, kv_cache: torch.Tensor) -> torch.Tensor:
+    def fuses_rope(self, q: torch.Tensor) -> bool:
+        """As ``PlanTensors.fuses_rope``."""
+        return self.arena is not None and q.is_cuda
+
+    def attend(self, layer: int, q, k, v, scale: float, kv_cache: torch.Tensor,
+               rope=None) -> torch.Tensor:
         """The plan handed to the model as is (the tests' forwards)."""
         block_m = tile_block_m(q.shape[-1], q.dtype, q.device, self.long,
                                q.shape[1] // k.shape[1])
         splits = tile_splits(len(self.tiles(block_m)), self.max_keys, q.shape[1], k.shape[1],
                              q.device, self.long)
-        return self.tensors(block_m, splits).attend(layer, q, k, v, scale, kv_cache)
+        return self.tensors(block_m, splits).attend(layer, q, k, v, scale, kv_cache, rope)

@@ -164,7 +164,13 @@ class DenoiseAttention(nn.Module):
         if self.q_norm is not None:  # per head, as vLLM's Qwen3 does
             q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
-        q, k = self.rotary_emb(positions, q, k)
+        # With the key arena on CUDA the plan applies RoPE in the kernel that
+        # writes the arena (``PlanTensors.fuses_rope``); else vLLM's RoPE.
+        rope = None
+        if plan is not None and plan.fuses_rope(q):
+            rope = (self.rotary_emb, positions)
+        else:
+            q, k = self.rotary_emb(positions, q, k)
         if plan is None:
             out = self.attn(q, k, v)
         else:
@@ -176,6 +182,7 @@ class DenoiseAttention(nn.Module):
                 self.scale,
                 # bound by vLLM once it allocates the KV cache
                 None if self.attn is None else self.attn.kv_cache,
+                rope,
             ).reshape(-1, self.q_size)
         out, _ = self.o_proj(out)
         return out

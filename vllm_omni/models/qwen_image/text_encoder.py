@@ -50,7 +50,10 @@ class CausalPlan:
     def __init__(self, lens: list[int]):
         self.batch = SequenceBatch.from_lengths(lens)
 
-    def attend(self, layer: int, q, k, v, scale: float, kv_cache) -> torch.Tensor:
+    def fuses_rope(self, q) -> bool:
+        return False  # the model applies RoPE before ``attend`` (no key arena)
+
+    def attend(self, layer: int, q, k, v, scale: float, kv_cache, rope=None) -> torch.Tensor:
         out = torch.empty_like(q)
         for start, n in zip(self.batch.starts, self.batch.lens):
             rows = slice(start, start + n)
