@@ -18,9 +18,6 @@ per forward; the parts are cProfile's cumulative times per forward.
 """
 
 import argparse
-import cProfile
-import pstats
-import time
 
 import numpy as np
 import torch
@@ -33,7 +30,7 @@ from vllm_omni.kernels import paged_kv
 from vllm_omni.models import FAMILIES_BY_NAME
 from vllm_omni.models.transformer import KVLayout
 
-from single_rank import init_single_rank  # beside this script
+from host_bench import one_rank, profiled_runs  # beside this script
 
 PAGE = 32
 VOCAB = 64
@@ -86,19 +83,8 @@ def works(batch: int, context: int, block: int, steps: int) -> list[BlockWork]:
 
 
 def measure(denoiser, args, batch: int) -> dict:
-    denoiser.run(works(batch, args.context, args.block, args.steps))  # warm
-    profile = cProfile.Profile()
-    forwards, elapsed = 0, 0.0
-    for _ in range(args.repeat):
-        step = works(batch, args.context, args.block, args.steps)
-        before = denoiser.stats.steps
-        start = time.perf_counter()
-        profile.enable()
-        denoiser.run(step)
-        profile.disable()
-        elapsed += time.perf_counter() - start
-        forwards += denoiser.stats.steps - before
-    stats = pstats.Stats(profile).stats
+    forwards, elapsed, stats = profiled_runs(
+        denoiser, lambda: works(batch, args.context, args.block, args.steps), args.repeat)
     row = {"ms": round(1e3 * elapsed / forwards, 3)}
     for name, functions in PARTS.items():
         cum = sum(v[3] for (path, _, fn), v in stats.items()
@@ -128,18 +114,18 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=20)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    init_single_rank()  # the denoiser asks for the TP size
-    pages = 2 + max(args.batch) * -(-(args.context + args.block) // PAGE)
-    model = StandIn(args.layers, pages)
-    budget = max(args.batch) * 2 * args.block
-    for mode in ("eager", "static"):
-        denoiser = BlockCausalDenoiser(model, torch.device("cpu"), budget, max_block_length=PAGE,
-                                       max_model_len=args.context + 64,
-                                       max_num_seqs=max(args.batch))
-        if mode == "static":
-            denoiser.set_step_graphs(True, capture=False)
-        for batch in args.batch:
-            print({"mode": mode, "batch": batch, **measure(denoiser, args, batch)}, flush=True)
+    with one_rank():  # the denoiser asks for the TP size
+        pages = 2 + max(args.batch) * -(-(args.context + args.block) // PAGE)
+        model = StandIn(args.layers, pages)
+        budget = max(args.batch) * 2 * args.block
+        for mode in ("eager", "static"):
+            denoiser = BlockCausalDenoiser(model, torch.device("cpu"), budget,
+                                           max_block_length=PAGE, max_model_len=args.context + 64,
+                                           max_num_seqs=max(args.batch))
+            if mode == "static":
+                denoiser.set_step_graphs(True, capture=False)
+            for batch in args.batch:
+                print({"mode": mode, "batch": batch, **measure(denoiser, args, batch)}, flush=True)
 
 
 if __name__ == "__main__":

@@ -27,9 +27,6 @@ any would fail.
 """
 
 import argparse
-import cProfile
-import pstats
-import time
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -40,7 +37,7 @@ from vllm_omni.diffusion.params import resolve_params
 from vllm_omni.models import FAMILIES_BY_NAME
 from vllm_omni.models.transformer import KVLayout
 
-from single_rank import init_single_rank  # beside this script
+from host_bench import one_rank, profiled_runs  # beside this script
 
 VOCAB = 16  # small: the arithmetic stays negligible next to dispatching it
 MASK = VOCAB - 1
@@ -106,19 +103,8 @@ COMMIT = {"_commit", "_step", "_count_masks"}  # the old loop: _step per job, th
 
 
 def measure(denoiser, args, kind: str, batch: int) -> dict:
-    denoiser.run(jobs(denoiser, args, kind, batch))  # warm
-    profile = cProfile.Profile()
-    steps, elapsed = 0, 0.0
-    for _ in range(args.repeat):
-        step_jobs = jobs(denoiser, args, kind, batch)
-        before = denoiser.stats.steps
-        start = time.perf_counter()
-        profile.enable()
-        denoiser.run(step_jobs)
-        profile.disable()
-        elapsed += time.perf_counter() - start
-        steps += denoiser.stats.steps - before
-    stats = pstats.Stats(profile).stats
+    steps, elapsed, stats = profiled_runs(denoiser, lambda: jobs(denoiser, args, kind, batch),
+                                          args.repeat)
 
     def cumulative(names):
         # Outermost calls only: _step inside _commit is counted once.
@@ -151,14 +137,14 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    init_single_rank()  # the denoiser asks for the TP size
-    rows = max(args.batch) * (args.prompt + args.tokens)
-    denoiser = Denoiser(StandIn(rows), torch.device("cpu"), token_budget=rows,
-                        max_model_len=args.prompt + args.tokens, max_num_seqs=max(args.batch))
-    for kind in args.kinds:
-        for batch in args.batch:
-            print({"kind": kind, "batch": batch, **measure(denoiser, args, kind, batch)},
-                  flush=True)
+    with one_rank():  # the denoiser asks for the TP size
+        rows = max(args.batch) * (args.prompt + args.tokens)
+        denoiser = Denoiser(StandIn(rows), torch.device("cpu"), token_budget=rows,
+                            max_model_len=args.prompt + args.tokens, max_num_seqs=max(args.batch))
+        for kind in args.kinds:
+            for batch in args.batch:
+                print({"kind": kind, "batch": batch, **measure(denoiser, args, kind, batch)},
+                      flush=True)
 
 
 if __name__ == "__main__":

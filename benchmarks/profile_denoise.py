@@ -99,14 +99,10 @@ def busy_us(intervals: list[tuple[float, float]]) -> float:
 
 def canvas_tflop(config: dict, length: int, block: int) -> float:
     """TFLOPs of one whole-canvas forward of ``length`` tokens (its logits:
-    one block's rows), counted as ``throughput.denoise_flops`` does."""
-    from throughput import model_shape
-    s = model_shape(config)
-    h, layers = s["hidden"], s["layers"]
-    kv_dim = s["kv_heads"] * h // s["heads"]
-    per_token = 2 * layers * (2 * h * h + 2 * h * kv_dim + 3 * h * s["mlp"])
-    return (length * per_token + 4 * length * length * h * layers
-            + 2 * block * h * s["vocab"]) / 1e12
+    one block's rows): ``throughput.denoise_flops`` of a one-block request
+    decoded in one exact step."""
+    from throughput import denoise_flops, model_shape
+    return denoise_flops(model_shape(config), length - block, block, block, block, "none") / 1e12
 
 
 def analyse(prof, wall_s: float) -> None:

@@ -221,10 +221,11 @@ class Server:
         self.log.close()
 
 
-@pytest.fixture(scope="module")
-def single_rank():
-    """vLLM's parallel layers in this process: one rank, then torn down so
-    that later engines start from a clean state."""
+@contextmanager
+def one_rank():
+    """vLLM's parallel layers in this process: one rank (gloo on a free
+    local port), torn down on exit so that later engines start clean. Also
+    what the CPU microbenchmarks build a denoiser under (benchmarks/host_bench.py)."""
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.distributed import (destroy_distributed_environment, destroy_model_parallel,
                                   init_distributed_environment, initialize_model_parallel)
@@ -241,3 +242,9 @@ def single_rank():
         finally:
             destroy_model_parallel()
             destroy_distributed_environment()
+
+
+@pytest.fixture(scope="module")
+def single_rank():
+    with one_rank():
+        yield
